@@ -1,0 +1,174 @@
+//! The node configuration (RON).
+//!
+//! ```ron
+//! (
+//!     plugin_dir: None,            // default: the directory of the antmesh executable
+//!     log: "info",                 // tracing filter; RUST_LOG overrides
+//!     interfaces: [
+//!         (name: "udp0", plugin: "udp", config: r#"(bind: "0.0.0.0:4242")"#),
+//!     ],
+//! )
+//! ```
+//! Each interface's `config` is the plugin's own RON, passed through verbatim, so a plugin
+//! reports its errors with positions inside that string.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration (`config/default.ron`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.ron");
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_log() -> String {
+    "info".to_owned()
+}
+
+/// A whole node configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where plugin libraries are loaded from.
+    #[serde(default)]
+    pub plugin_dir: Option<PathBuf>,
+    /// tracing filter directive, e.g. `info` or `antmesh_host=debug`.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// Transport interfaces to open.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceConfig>,
+}
+
+/// One transport interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Unique name used in logs and the CLI.
+    pub name: String,
+    /// Which plugin provides it (the name `antmesh plugins` shows).
+    pub plugin: String,
+    /// Whether to open it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The plugin's instance configuration, RON text.
+    #[serde(default = "empty_unit")]
+    pub config: String,
+}
+
+fn empty_unit() -> String {
+    "()".to_owned()
+}
+
+/// Why a configuration was rejected.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// RON syntax or type error, with a 1-based position.
+    #[error("{origin}:{line}:{col}: {message}")]
+    Syntax {
+        /// The file, or `<default>` for the embedded config.
+        origin: String,
+        /// Line.
+        line: usize,
+        /// Column.
+        col: usize,
+        /// What was wrong.
+        message: String,
+    },
+    /// Parsed, but not usable.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// The file, or `<default>`.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl NodeConfig {
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = ron::Options::default().from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            message: e.code.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: path.to_path_buf(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, "<default>")
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { origin: origin.to_owned(), message };
+        let mut names = HashSet::new();
+        for i in &self.interfaces {
+            if i.name.is_empty() || !i.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid(format!("interface name `{}` must be non-empty [A-Za-z0-9_-]", i.name)));
+            }
+            if !names.insert(i.name.as_str()) {
+                return Err(invalid(format!("interface name `{}` is used twice", i.name)));
+            }
+            if i.plugin.is_empty() {
+                return Err(invalid(format!("interface `{}` names no plugin", i.name)));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            return Err(invalid(format!("log filter `{}`: {e}", self.log)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_has_udp() {
+        let cfg = NodeConfig::embedded_default().unwrap();
+        assert_eq!(cfg.interfaces.len(), 1);
+        assert_eq!(cfg.interfaces[0].plugin, "udp");
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let err = NodeConfig::parse("(\n  interfaces: [\n    (name: \"a\" plugin: \"udp\"),\n  ],\n)", "x.ron").unwrap_err();
+        match err {
+            ConfigError::Syntax { line, col, .. } => {
+                assert_eq!(line, 3);
+                assert!(col > 10, "col {col}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(NodeConfig::parse("(interfacez: [])", "x.ron").unwrap_err().to_string().starts_with("x.ron:1:"));
+    }
+
+    #[test]
+    fn duplicate_names_are_invalid() {
+        let text = r#"(interfaces: [(name: "a", plugin: "udp"), (name: "a", plugin: "tcp")])"#;
+        assert!(matches!(NodeConfig::parse(text, "x"), Err(ConfigError::Invalid { .. })));
+    }
+}

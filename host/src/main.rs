@@ -1,0 +1,180 @@
+//! `antmesh`: the node daemon and its operator commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use antmesh_host::config::NodeConfig;
+use antmesh_host::daemon;
+use antmesh_host::plugin::loader;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "antmesh", version, about = "Post-quantum multi-hop mesh node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node until Ctrl-C or SIGTERM.
+    Up {
+        /// Node configuration (RON); the embedded default when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to load plugins from (overrides the config).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+    },
+    /// List plugins with versions, what they provide, and load errors.
+    Plugins {
+        /// Where to look (default: the config's plugin_dir, else beside this executable).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (the embedded default when no file is given).
+    Check {
+        /// The file.
+        file: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<NodeConfig, antmesh_host::config::ConfigError> {
+    match path {
+        Some(p) => NodeConfig::load(p),
+        None => NodeConfig::embedded_default(),
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up { config, plugin_dir } => up(config, plugin_dir),
+        Command::Plugins { plugin_dir, json } => plugins(plugin_dir, json),
+        Command::Config { command: ConfigCommand::Check { file, json } } => config_check(file, json),
+    }
+}
+
+fn up(config: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("antmesh: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("antmesh: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run(cfg, plugin_dir, daemon::shutdown_signal())) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plugins(plugin_dir: Option<PathBuf>, as_json: bool) -> ExitCode {
+    let Some(dir) = plugin_dir.or_else(loader::default_plugin_dir) else {
+        eprintln!("antmesh: no plugin directory; pass --plugin-dir");
+        return ExitCode::from(2);
+    };
+    let set = match loader::load_dir(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("antmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if as_json {
+        let plugins: Vec<_> = set
+            .plugins
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name(),
+                    "version": p.info.version.as_str(),
+                    "abi_version": p.info.abi_version.to_string(),
+                    "kinds": ["transport"],
+                    "schemes": p.info.schemes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    "description": p.info.description.as_str(),
+                    "file": p.path.display().to_string(),
+                    "manifest": p.manifest.is_some(),
+                })
+            })
+            .collect();
+        let errors: Vec<_> = set.errors.iter().map(|e| json!({ "error": e.to_string() })).collect();
+        println!("{}", json!({ "dir": dir.display().to_string(), "host_abi": antmesh_plugin_api::ABI_VERSION.to_string(), "plugins": plugins, "errors": errors }));
+    } else {
+        println!("plugin directory: {} (host ABI {})", dir.display(), antmesh_plugin_api::ABI_VERSION);
+        for p in &set.plugins {
+            let schemes: Vec<_> = p.info.schemes.iter().map(|s| format!("{s}://")).collect();
+            println!(
+                "  {:<10} {:<8} abi {:<7} transport {:<14} {}",
+                p.name(),
+                p.info.version.as_str(),
+                p.info.abi_version.to_string(),
+                schemes.join(" "),
+                p.info.description.as_str()
+            );
+        }
+        if set.plugins.is_empty() {
+            println!("  (no plugins loaded)");
+        }
+        for e in &set.errors {
+            println!("  refused: {e}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn config_check(file: Option<PathBuf>, as_json: bool) -> ExitCode {
+    let origin = file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "<default>".to_owned());
+    match load_config(file.as_ref()) {
+        Ok(cfg) => {
+            if as_json {
+                println!("{}", json!({ "file": origin, "ok": true, "interfaces": cfg.interfaces.len() }));
+            } else {
+                println!("{origin}: ok ({} interfaces)", cfg.interfaces.len());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if as_json {
+                println!("{}", json!({ "file": origin, "ok": false, "error": e.to_string() }));
+            } else {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Finding and checking native plugins.
+//!
+//! A plugin directory holds either bare libraries (what `cargo build` leaves in its output
+//! directory; they describe themselves through their root module) or installed plugins as
+//! `<dir>/<name>/plugin.ron` beside their library (the manifest adds a SHA-256 checksum,
+//! verified before the library is opened). Every library is checked in this order, and the
+//! first failure refuses that plugin with a typed error while the others load:
+//!
+//! 1. manifest parses, its `abi_version` is accepted by this host, the checksum matches;
+//! 2. the library opens and exports an `abi_stable` header;
+//! 3. the ABI version it was built against is accepted by this host ([`ABI_VERSION`]);
+//! 4. the layout of every type crossing the boundary matches (abi_stable's check);
+//! 5. what the library reports matches its manifest, and no other plugin has its name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use antmesh_plugin_api::{AbiVersion, ManifestError, PluginInfo, PluginManifest, TransportModRef, ABI_VERSION};
+use sha2::{Digest, Sha256};
+
+/// Why one plugin was refused. The message always names the file.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum PluginLoadError {
+    /// `plugin.ron` did not parse.
+    #[error("{file}: bad manifest at {source}")]
+    Manifest {
+        /// The manifest file.
+        file: PathBuf,
+        /// Line, column and message.
+        source: ManifestError,
+    },
+    /// The plugin was built against an incompatible ABI.
+    #[error("{file}: plugin ABI {found} is incompatible with this host's ABI {expected} (rebuild the plugin against antmesh-plugin-api {expected_major})", expected_major = major_series(*expected))]
+    AbiMismatch {
+        /// The library or manifest.
+        file: PathBuf,
+        /// What this host speaks.
+        expected: AbiVersion,
+        /// What the plugin was built against.
+        found: AbiVersion,
+    },
+    /// A version string did not parse.
+    #[error("{file}: unparseable ABI version `{version}`")]
+    BadVersion {
+        /// The library or manifest.
+        file: PathBuf,
+        /// The text.
+        version: String,
+    },
+    /// The library's SHA-256 differs from the manifest's.
+    #[error("{file}: checksum mismatch (manifest says {expected}, file is {found})")]
+    Checksum {
+        /// The library.
+        file: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Computed.
+        found: String,
+    },
+    /// The library could not be opened or is not an antmesh plugin.
+    #[error("{file}: not a loadable antmesh plugin: {detail}")]
+    Open {
+        /// The library.
+        file: PathBuf,
+        /// The loader's explanation.
+        detail: String,
+    },
+    /// Type layouts differ although the version matches (a plugin built from a modified
+    /// contract).
+    #[error("{file}: plugin ABI layout differs from this host's: {detail}")]
+    Layout {
+        /// The library.
+        file: PathBuf,
+        /// abi_stable's explanation.
+        detail: String,
+    },
+    /// The library and its manifest disagree.
+    #[error("{file}: manifest says {field} `{manifest}` but the library reports `{library}`")]
+    ManifestMismatch {
+        /// The library.
+        file: PathBuf,
+        /// Which field.
+        field: &'static str,
+        /// Manifest value.
+        manifest: String,
+        /// Library value.
+        library: String,
+    },
+    /// Another plugin already has this name.
+    #[error("{file}: plugin name `{name}` is already provided by {first}")]
+    Duplicate {
+        /// The refused library.
+        file: PathBuf,
+        /// The name.
+        name: String,
+        /// The library that keeps it.
+        first: PathBuf,
+    },
+    /// Reading a file failed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn major_series(v: AbiVersion) -> String {
+    if v.major == 0 {
+        format!("0.{}.x", v.minor)
+    } else {
+        format!("{}.x", v.major)
+    }
+}
+
+/// A plugin that passed every check.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// The library file.
+    pub path: PathBuf,
+    /// What the plugin reports about itself.
+    pub info: PluginInfo,
+    /// Whether it came with a verified `plugin.ron`.
+    pub manifest: Option<PluginManifest>,
+    pub(crate) module: TransportModRef,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin").field("path", &self.path).field("info", &self.info).finish()
+    }
+}
+
+impl LoadedPlugin {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        self.info.name.as_str()
+    }
+}
+
+/// The outcome of scanning a plugin directory.
+#[derive(Debug, Default)]
+pub struct PluginSet {
+    /// The directory scanned.
+    pub dir: PathBuf,
+    /// Plugins that loaded.
+    pub plugins: Vec<LoadedPlugin>,
+    /// Plugins that were refused, each with its reason.
+    pub errors: Vec<PluginLoadError>,
+}
+
+impl PluginSet {
+    /// The plugin called `name`.
+    pub fn get(&self, name: &str) -> Option<&LoadedPlugin> {
+        self.plugins.iter().find(|p| p.name() == name)
+    }
+}
+
+/// Why a plugin directory could not be scanned at all.
+#[derive(thiserror::Error, Debug)]
+#[error("cannot read plugin directory {dir}: {source}")]
+pub struct PluginDirError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The error.
+    pub source: std::io::Error,
+}
+
+/// The default plugin directory: the directory of the running executable (so the output
+/// directory of a `cargo build`, where the plugin libraries land beside `antmesh`). Test
+/// executables live one level deeper, in `deps/`, and look in its parent.
+pub fn default_plugin_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        return dir.parent().map(Path::to_path_buf);
+    }
+    Some(dir)
+}
+
+fn is_library(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(std::env::consts::DLL_SUFFIX) && n.starts_with(std::env::consts::DLL_PREFIX))
+}
+
+/// Loads every plugin in `dir`. Refused plugins are listed in [`PluginSet::errors`].
+pub fn load_dir(dir: &Path) -> Result<PluginSet, PluginDirError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| PluginDirError { dir: dir.to_path_buf(), source })?;
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    let mut set = PluginSet { dir: dir.to_path_buf(), ..PluginSet::default() };
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for path in entries {
+        let result = if path.is_dir() {
+            let manifest = path.join("plugin.ron");
+            if !manifest.is_file() {
+                continue; // build/, deps/, incremental/ … in a cargo output directory
+            }
+            load_installed(&manifest)
+        } else if is_library(&path) {
+            load_library(&path, None)
+        } else {
+            continue;
+        };
+        match result {
+            Ok(p) => match seen.get(p.name()) {
+                Some(first) => set.errors.push(PluginLoadError::Duplicate {
+                    file: p.path.clone(),
+                    name: p.name().to_owned(),
+                    first: first.clone(),
+                }),
+                None => {
+                    seen.insert(p.name().to_owned(), p.path.clone());
+                    set.plugins.push(p);
+                }
+            },
+            Err(e) => set.errors.push(e),
+        }
+    }
+    Ok(set)
+}
+
+/// Loads an installed plugin from its `plugin.ron`.
+pub fn load_installed(manifest_path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
+    let text = std::fs::read_to_string(manifest_path)
+        .map_err(|source| PluginLoadError::Io { file: manifest_path.to_path_buf(), source })?;
+    let manifest = PluginManifest::parse(&text)
+        .map_err(|source| PluginLoadError::Manifest { file: manifest_path.to_path_buf(), source })?;
+    let found = AbiVersion::parse(&manifest.abi_version).ok_or_else(|| PluginLoadError::BadVersion {
+        file: manifest_path.to_path_buf(),
+        version: manifest.abi_version.clone(),
+    })?;
+    if !ABI_VERSION.accepts(found) {
+        return Err(PluginLoadError::AbiMismatch { file: manifest_path.to_path_buf(), expected: ABI_VERSION, found });
+    }
+    let dir = manifest_path.parent().unwrap_or(Path::new("."));
+    let lib = dir.join(&manifest.library);
+    if let Some(expected) = &manifest.checksum {
+        let bytes = std::fs::read(&lib).map_err(|source| PluginLoadError::Io { file: lib.clone(), source })?;
+        let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        if !found.eq_ignore_ascii_case(expected) {
+            return Err(PluginLoadError::Checksum { file: lib, expected: expected.clone(), found });
+        }
+    }
+    load_library(&lib, Some(manifest))
+}
+
+fn describe(err: &LibraryError) -> String {
+    match err {
+        LibraryError::OpenError { err, .. } => format!("cannot open library: {err}"),
+        LibraryError::GetSymbolError { .. } => {
+            "exports no abi_stable root module (not built with antmesh_plugin_api::export_transport!)".to_owned()
+        }
+        other => other.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Loads one library, optionally checking it against its manifest.
+pub fn load_library(path: &Path, manifest: Option<PluginManifest>) -> Result<LoadedPlugin, PluginLoadError> {
+    let file = path.to_path_buf();
+    let header = lib_header_from_path(path).map_err(|e| PluginLoadError::Open { file: file.clone(), detail: describe(&e) })?;
+    let vs = header.version_strings();
+    let parsed = vs
+        .parsed()
+        .map_err(|_| PluginLoadError::BadVersion { file: file.clone(), version: vs.version.as_str().to_owned() })?;
+    let found = AbiVersion { major: parsed.major, minor: parsed.minor, patch: parsed.patch };
+    if !ABI_VERSION.accepts(found) {
+        return Err(PluginLoadError::AbiMismatch { file, expected: ABI_VERSION, found });
+    }
+    let module = header.init_root_module::<TransportModRef>().map_err(|e| match e {
+        LibraryError::IncompatibleVersionNumber { actual_version, .. } => PluginLoadError::AbiMismatch {
+            file: file.clone(),
+            expected: ABI_VERSION,
+            found: AbiVersion { major: actual_version.major, minor: actual_version.minor, patch: actual_version.patch },
+        },
+        LibraryError::AbiInstability(_) => PluginLoadError::Layout { file: file.clone(), detail: describe(&e) },
+        other => PluginLoadError::Open { file: file.clone(), detail: describe(&other) },
+    })?;
+    let info = (module.info())();
+    if let Some(m) = &manifest {
+        for (field, want, got) in [
+            ("name", m.name.as_str(), info.name.as_str()),
+            ("version", m.version.as_str(), info.version.as_str()),
+        ] {
+            if want != got {
+                return Err(PluginLoadError::ManifestMismatch {
+                    file,
+                    field,
+                    manifest: want.to_owned(),
+                    library: got.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(LoadedPlugin { path: file, info, manifest, module })
+}

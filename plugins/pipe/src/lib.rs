@@ -1,0 +1,1 @@
+//! pipe transport plugin (in progress)

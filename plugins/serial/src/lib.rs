@@ -1,0 +1,1 @@
+//! serial transport plugin (in progress)

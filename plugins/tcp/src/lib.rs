@@ -1,0 +1,1 @@
+//! tcp transport plugin (in progress)
