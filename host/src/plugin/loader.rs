@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 #[non_exhaustive]
 pub enum PluginLoadError {
     /// `plugin.ron` did not parse.
-    #[error("{file}: bad manifest at {source}")]
+    #[error("{file}:{source}")]
     Manifest {
         /// The manifest file.
         file: PathBuf,

@@ -1,0 +1,101 @@
+//! `antmesh up` as an operator runs it: the embedded default config, a real UDP socket,
+//! a clean exit on SIGINT; config errors with line and column.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const ANTMESH: &str = env!("CARGO_BIN_EXE_antmesh");
+
+fn wait_line(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            Err(_) => panic!("no log line containing {needle:?}; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn up_without_flags_opens_the_default_udp_interface_and_exits_0_on_sigint() {
+    let mut child = Command::new(ANTMESH)
+        .arg("up")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let iface = wait_line(&rx, &mut seen, "interface up");
+    assert!(iface.contains("udp://0.0.0.0:4242"), "{iface}");
+    wait_line(&rx, &mut seen, "node up");
+
+    // The interface is really open: a datagram to it is received and logged.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe.send_to(b"hello node", "127.0.0.1:4242").unwrap();
+    let got = wait_line(&rx, &mut seen, "frame received");
+    assert!(got.contains("bytes=10"), "{got}");
+
+    // SAFETY: signalling our own child by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let stopped = wait_line(&rx, &mut seen, "node stopped");
+    assert!(stopped.contains("frames=1"), "{stopped}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("antmesh did not exit after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn a_config_error_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.ron");
+    std::fs::write(&file, "(\n  interfaces: [\n    (name: \"u\" plugin: \"udp\"),\n  ],\n)\n").unwrap();
+    let out = Command::new(ANTMESH).arg("up").arg("--config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:", file.display())), "{err}");
+
+    let out = Command::new(ANTMESH).args(["config", "check", "--json"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+}
+
+#[test]
+fn an_interface_naming_a_missing_plugin_fails_startup_when_nothing_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.ron");
+    std::fs::write(&file, "(interfaces: [(name: \"x\", plugin: \"no-such-plugin\")])").unwrap();
+    let out = Command::new(ANTMESH).arg("up").arg("--config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no plugin named `no-such-plugin`"), "{err}");
+}
