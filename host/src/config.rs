@@ -167,6 +167,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_examples_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "ron") {
+                NodeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 4);
+    }
+
+    #[test]
     fn duplicate_names_are_invalid() {
         let text = r#"(interfaces: [(name: "a", plugin: "udp"), (name: "a", plugin: "tcp")])"#;
         assert!(matches!(NodeConfig::parse(text, "x"), Err(ConfigError::Invalid { .. })));

@@ -539,6 +539,7 @@ mod tests {
             let back: TransportAddr = text.parse().map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
             prop_assert_eq!(&back, &a);
             prop_assert_eq!(back.to_string(), text);
+            prop_assert_eq!(TransportAddr::from_link(a.scheme(), &a.to_link()), Some(a));
         }
 
         #[test]
