@@ -9,10 +9,7 @@
 
 mod config;
 mod supervisor;
-mod sys;
 
-#[cfg(test)]
-mod test_host;
 #[cfg(test)]
 mod tests;
 
@@ -29,7 +26,7 @@ use antmesh_plugin_kit::{FramingKind, Outbox};
 
 pub use config::Config;
 use supervisor::{spawn_child, supervise, Session, Shared};
-use sys::StopSignal;
+use antmesh_plugin_kit::sys::StopSignal;
 
 antmesh_plugin_api::export_transport! {
     name: "pipe",

@@ -21,7 +21,7 @@ use antmesh_plugin_api::{guard, Host, InFrame, LinkAddr, LogLevel};
 use antmesh_plugin_kit::{Backoff, Codec, Decoded, Outbox};
 
 use crate::config::Config;
-use crate::sys::{block_sigpipe_in_this_thread, poll, pollfd, set_nonblocking, signal_group, StopSignal};
+use antmesh_plugin_kit::sys::{block_sigpipe_in_this_thread, poll, pollfd, set_nonblocking, signal_group, StopSignal};
 
 /// A child that lived this long was healthy: the next respawn starts from the minimum delay.
 const HEALTHY_LIFETIME: Duration = Duration::from_secs(5);

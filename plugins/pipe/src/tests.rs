@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use abi_stable::std_types::RString;
 use antmesh_plugin_api::{LinkAddr, PluginErrorKind, Reliability, SendError, Transport};
 
-use crate::test_host::{Event, Harness};
+use antmesh_plugin_kit::testing::{Event, Harness};
 use crate::{open_pipe, PipeTransport};
 
 const T: Duration = Duration::from_secs(5);

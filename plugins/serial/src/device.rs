@@ -21,7 +21,7 @@ use antmesh_plugin_kit::{Backoff, Codec, Decoded, FramingKind, Outbox};
 use serialport::TTYPort;
 
 use crate::config::Config;
-use crate::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd, StopSignal};
+use antmesh_plugin_kit::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd, StopSignal};
 
 /// HDLC payload type byte: the rest of the frame is data for the host.
 pub(crate) const TYPE_DATA: u8 = 0x00;

@@ -10,10 +10,7 @@
 
 mod config;
 mod device;
-mod sys;
 
-#[cfg(test)]
-mod test_host;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +27,7 @@ use antmesh_plugin_kit::Outbox;
 
 pub use config::Config;
 use device::{open_port, run, Shared};
-use sys::StopSignal;
+use antmesh_plugin_kit::sys::StopSignal;
 
 antmesh_plugin_api::export_transport! {
     name: "serial",

@@ -16,8 +16,8 @@ use antmesh_plugin_kit::{Codec, Decoded, FramingKind};
 use serialport::TTYPort;
 
 use crate::device::{TYPE_DATA, TYPE_KEEPALIVE};
-use crate::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd};
-use crate::test_host::{Event, Harness};
+use antmesh_plugin_kit::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd};
+use antmesh_plugin_kit::testing::{Event, Harness};
 use crate::{open_serial, SerialTransport};
 
 const T: Duration = Duration::from_secs(5);

@@ -1,6 +1,7 @@
-//! A minimal in-process host for the unit tests: every callback becomes an [`Event`] on a
-//! channel, and callbacks that arrive after the test declared the instance closed are
-//! counted so tests can assert there are none.
+//! An in-process host for plugin unit tests: call your `open` function with
+//! [`Harness::host`] (or the exported root module with [`Harness::handle`]); every callback
+//! becomes an [`Event`] on a channel, and callbacks that arrive after the test declared the
+//! instance closed are counted so tests can assert there are none.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -14,10 +15,15 @@ use antmesh_plugin_api::{Host, HostHandle, HostHandleBox, HostHandle_TO, InFrame
 /// One host callback.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// `deliver`: the batch of frames.
     Frames(Vec<(LinkAddr, Vec<u8>)>),
+    /// `link_up`.
     Up(LinkAddr),
+    /// `link_down` with its reason.
     Down(LinkAddr, String),
+    /// `writable`.
     Writable,
+    /// `log`.
     Log(LogLevel, String),
 }
 
@@ -57,15 +63,24 @@ impl HostHandle for TestHost {
 
 /// The test's side of the host: the handle to pass to `open`, and the event stream.
 pub struct Harness {
+    /// The handle to pass to the plugin's `open`.
     pub host: Host,
     /// The same handle in its boundary form, for calling the exported root module.
     pub handle: HostHandleBox,
+    /// Every callback, in order.
     pub rx: Receiver<Event>,
     closed: Arc<AtomicBool>,
     late: Arc<AtomicUsize>,
 }
 
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Harness {
+    /// A fresh host with an empty event stream.
     pub fn new() -> Harness {
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
@@ -100,6 +115,7 @@ impl Harness {
         }
     }
 
+    /// Waits for the next `link_up`.
     pub fn wait_up(&self, timeout: Duration) -> Option<LinkAddr> {
         match self.wait(timeout, |e| matches!(e, Event::Up(_)))? {
             Event::Up(a) => Some(a),
@@ -107,6 +123,7 @@ impl Harness {
         }
     }
 
+    /// Waits for the next `link_down`.
     pub fn wait_down(&self, timeout: Duration) -> Option<(LinkAddr, String)> {
         match self.wait(timeout, |e| matches!(e, Event::Down(..)))? {
             Event::Down(a, r) => Some((a, r)),

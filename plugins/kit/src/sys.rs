@@ -1,6 +1,7 @@
-//! Thin, safe wrappers over the few POSIX calls the serial threads need: `poll` on several
-//! descriptors, a pollable stop signal, non-blocking mode, and plain `read`/`write` on a
-//! raw descriptor (so EIO from a hung-up tty arrives as itself, not reinterpreted).
+//! Thin, safe wrappers over the few POSIX calls std does not offer, for plugin I/O threads:
+//! `poll` on several descriptors, a pollable stop signal, non-blocking mode, plain
+//! `read`/`write` on a raw descriptor (so EIO from a hung-up tty arrives as itself),
+//! per-thread SIGPIPE masking and signalling a process group.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -97,6 +98,30 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Blocks SIGPIPE for the calling thread. A write to a pipe whose reader is gone then
+/// fails with EPIPE instead of killing the host process (not every host ignores SIGPIPE).
+pub fn block_sigpipe_in_this_thread() {
+    // SAFETY: the sigset is initialised by sigemptyset before use; pthread_sigmask only
+    // changes the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Sends `signal` to the process group led by `pgid` (the child and whatever it forked).
+pub fn signal_group(pgid: u32, signal: libc::c_int) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else { return };
+    if pgid <= 1 {
+        return; // never signal "every process" or init by accident
+    }
+    // SAFETY: kill has no memory-safety preconditions; the group exists at least as long
+    // as its unreaped leader does, and the caller only calls this before reaping it.
+    let _ = unsafe { libc::kill(-pgid, signal) };
 }
 
 /// `read(2)` into `buf`.
