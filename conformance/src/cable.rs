@@ -64,8 +64,19 @@ impl Shared {
         self.conns[side].lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set(&self, side: usize, conn: Option<Arc<Conn>>) {
-        *self.conns[side].lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    fn set(&self, side: usize, conn: Option<Arc<Conn>>) -> Option<Arc<Conn>> {
+        std::mem::replace(&mut *self.conns[side].lock().unwrap_or_else(|p| p.into_inner()), conn)
+    }
+
+    /// Clears `side` only if `conn` is still the connection there (one lock, so a newer
+    /// connection installed meanwhile is never dropped by an old pump).
+    fn clear_if_current(&self, side: usize, conn: &Arc<Conn>) -> bool {
+        let mut slot = self.conns[side].lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *slot = None;
+            return true;
+        }
+        false
     }
 }
 
@@ -110,9 +121,7 @@ fn pump(shared: Arc<Shared>, me: usize, conn: Arc<Conn>) {
     }
     // This side hung up: if it is still the current connection, drop it and take the
     // other side's line down too.
-    let still_current = shared.current(me).is_some_and(|c| Arc::ptr_eq(&c, &conn));
-    if still_current {
-        shared.set(me, None);
+    if shared.clear_if_current(me, &conn) {
         if let Some(peer) = shared.current(other) {
             peer.hang_up();
         }
@@ -137,10 +146,11 @@ impl Cable {
                                 continue;
                             }
                             let conn = Arc::new(Conn::Unix(stream));
-                            if let Some(old) = sh.current(i) {
+                            // Install first, then hang up the previous one: its pump then
+                            // finds it is no longer current and leaves the new one alone.
+                            if let Some(old) = sh.set(i, Some(Arc::clone(&conn))) {
                                 old.hang_up();
                             }
-                            sh.set(i, Some(Arc::clone(&conn)));
                             let sh2 = Arc::clone(&sh);
                             pumps.push(std::thread::spawn(move || pump(sh2, i, conn)));
                             pumps.retain(|p| !p.is_finished());
@@ -163,7 +173,7 @@ impl Cable {
         for (i, path) in [a, b].into_iter().enumerate() {
             let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
             let conn = Arc::new(Conn::Pty(f));
-            shared.set(i, Some(Arc::clone(&conn)));
+            let _ = shared.set(i, Some(Arc::clone(&conn)));
             let sh = Arc::clone(&shared);
             threads.push(std::thread::spawn(move || pump(sh, i, conn)));
         }
@@ -188,10 +198,9 @@ impl Drop for Cable {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         for i in 0..2 {
-            if let Some(c) = self.shared.current(i) {
+            if let Some(c) = self.shared.set(i, None) {
                 c.hang_up();
             }
-            self.shared.set(i, None);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

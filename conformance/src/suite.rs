@@ -11,7 +11,7 @@
 //! | `broadcast` | `Broadcast` reaches the peer if declared, is refused with `BroadcastUnsupported` if not |
 //! | `ordered_burst` | reliable-ordered transports deliver a 10,000-frame burst complete and in order |
 //! | `backpressure` | a flood gets `WouldBlock`, then a `writable` event, then sends succeed again |
-//! | `concurrent_senders` | four threads sending at once: every frame intact, per-sender order kept when declared |
+//! | `concurrent_senders` | four threads sending at once: every frame intact, every sender heard; all frames, per-sender order kept when reliable-ordered is declared |
 //! | `garbage` | garbage from the peer's side does not crash or wedge the instance |
 //! | `peer_vanishes` | with declared peer liveness, closing B makes A report `link_down` for B |
 
@@ -71,6 +71,16 @@ fn deliver(src: &Endpoint, to: &LinkAddr, dst: &Endpoint, payload: &[u8], deadli
             return fail(format!("{} bytes sent to {to} never arrived within {deadline:?}", payload.len()));
         }
     }
+}
+
+/// Waits until everything A queued before now has reached B (a marker sent after it has
+/// arrived; on a lossy medium, as close as it gets), then forgets B's frames, so one check's
+/// backlog cannot be mistaken for the next check's traffic.
+fn quiesce(p: &Pair, b: &Endpoint) {
+    let marker = unique("quiesce");
+    let _ = deliver(&p.a, &p.a_to_b, b, &marker, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(100));
+    b.events.clear();
 }
 
 fn round_trip(x: &Endpoint, x_to_y: &LinkAddr, y: &Endpoint) -> Result<(), Outcome> {
@@ -218,13 +228,15 @@ fn check_ordered_burst(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<Ou
     let mut got = Vec::with_capacity(N as usize);
     while got.len() < N as usize {
         match b.events.next_frame(end.saturating_duration_since(Instant::now())) {
-            Some((_, f)) => got.push(f),
+            // Late duplicates of earlier checks' probes have other sizes; skip them.
+            Some((_, f)) if f.len() == 4 + pad.len() => got.push(f),
+            Some(_) => {}
             None => return fail(format!("only {} of {N} frames arrived", got.len())),
         }
     }
     for (i, f) in got.iter().enumerate() {
-        if f.len() != 4 + pad.len() || f[4..] != pad[..] {
-            return fail(format!("frame {i} arrived corrupted ({} bytes)", f.len()));
+        if f[4..] != pad[..] {
+            return fail(format!("frame {i} arrived corrupted"));
         }
         let seq = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
         if seq as usize != i {
@@ -259,9 +271,7 @@ fn check_backpressure(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<(),
     if let Err(e) = p.a.send_patiently(&p.a_to_b, &frame, WAIT) {
         return fail(format!("send after writable failed: {e}"));
     }
-    // Let the queue drain so later checks start from a quiet link.
-    std::thread::sleep(Duration::from_millis(300));
-    b.events.clear();
+    quiesce(p, b);
     Ok(())
 }
 
@@ -271,6 +281,7 @@ fn check_concurrent(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<(), O
     b.events.clear();
     let pad = pattern(27.min(caps.mtu as usize - 5), 11);
     let transport = Arc::clone(&p.a.transport);
+    let reliable = caps.reliability == Reliability::ReliableOrdered;
     let mut handles = Vec::new();
     for t in 0..THREADS {
         let tr = Arc::clone(&transport);
@@ -282,6 +293,11 @@ fn check_concurrent(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<(), O
                 f.extend_from_slice(&i.to_be_bytes());
                 f.extend_from_slice(&pad);
                 let end = Instant::now() + WAIT;
+                if !reliable && i % 16 == 15 {
+                    // A lossy medium drops what the receiver cannot keep up with; pace so
+                    // the check measures interleaving, not the receive buffer size.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 loop {
                     match tr.send(&to, &f) {
                         Ok(()) => break,
@@ -301,21 +317,21 @@ fn check_concurrent(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<(), O
         }
     }
     let total = usize::from(THREADS) * PER as usize;
-    let reliable = caps.reliability == Reliability::ReliableOrdered;
     let end = Instant::now() + Duration::from_secs(30);
     let mut frames = Vec::new();
     while frames.len() < total && Instant::now() < end {
         let quiet = if reliable { end.saturating_duration_since(Instant::now()) } else { Duration::from_secs(1) };
         match b.events.next_frame(quiet) {
-            Some((_, f)) => frames.push(f),
+            Some((_, f)) if f.len() == 5 + pad.len() => frames.push(f),
+            Some(_) => {} // a late probe from an earlier check
             None => break,
         }
     }
     let mut last: Vec<Option<u32>> = vec![None; usize::from(THREADS)];
     let mut seen = std::collections::HashSet::new();
     for f in &frames {
-        if f.len() != 5 + pad.len() || f[5..] != pad[..] || f[0] >= THREADS {
-            return fail(format!("a {}-byte frame arrived corrupted (interleaved writes?)", f.len()));
+        if f[5..] != pad[..] || f[0] >= THREADS {
+            return fail("a frame arrived corrupted (interleaved writes?)".to_owned());
         }
         let seq = u32::from_be_bytes([f[1], f[2], f[3], f[4]]);
         let slot = &mut last[usize::from(f[0])];
@@ -328,8 +344,8 @@ fn check_concurrent(p: &Pair, b: &Endpoint, caps: &Capabilities) -> Result<(), O
     if reliable && seen.len() != total {
         return fail(format!("{} of {total} frames arrived", seen.len()));
     }
-    if !reliable && seen.len() * 2 < total {
-        return fail(format!("only {} of {total} frames arrived on loopback", seen.len()));
+    if let Some(t) = last.iter().position(Option::is_none) {
+        return fail(format!("no frame from sender {t} arrived ({} of {total} in all)", seen.len()));
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ use abi_stable as _;
 
 /// Datagrams handed to the host per `deliver` call.
 pub const RECV_BATCH: usize = 64;
+/// Receive batches per loop turn before sending and the stop flag get their turn.
+const RECV_TURN: usize = 4;
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
@@ -146,9 +148,12 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
     let thread = std::thread::Builder::new()
         .name(format!("antmesh-udp-{}", local.port()))
         .spawn(move || {
+            let outbox = Arc::clone(&io.outbox);
             if let Err(msg) = antmesh_plugin_api::guard(|| io.run()) {
                 host.log(antmesh_plugin_api::LogLevel::Error, &format!("udp I/O thread panicked: {msg}"));
             }
+            // Nothing drains the queue any more: senders get Closed, not a silent stall.
+            outbox.close();
         })
         .map_err(io_err("spawn udp thread"))?;
     Ok(UdpTransport { caps, local, broadcast: cfg.broadcast, outbox, stop, waker, thread: Mutex::new(Some(thread)) })
@@ -170,33 +175,43 @@ impl IoLoop {
         let mut arena = vec![0u8; slot * RECV_BATCH];
         let mut pending: Vec<(SocketAddr, Vec<u8>)> = Vec::with_capacity(RECV_BATCH);
         let mut kernel_full = false;
+        let mut more_to_read = false;
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_secs(1))) {
+            // Edge-triggered: if the last turn left datagrams in the socket, come straight
+            // back for them instead of waiting for an edge that will not come.
+            let timeout = if more_to_read { Duration::ZERO } else { Duration::from_secs(1) };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.host.warn(&format!("udp poll failed: {e}"));
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 continue;
             }
+            let mut readable = more_to_read;
             for ev in events.iter() {
                 if ev.token() == SOCKET && ev.is_writable() {
                     kernel_full = false;
                 }
                 if ev.token() == SOCKET && ev.is_readable() {
-                    self.receive(&mut arena, slot);
+                    readable = true;
                 }
+            }
+            if readable {
+                more_to_read = self.receive(&mut arena, slot);
             }
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
+            // Sending gets its turn every iteration, so a receive flood cannot starve it.
             if !kernel_full {
                 kernel_full = self.transmit(&mut pending);
             }
         }
     }
 
-    fn receive(&self, arena: &mut [u8], slot: usize) {
-        loop {
+    /// Reads up to [`RECV_TURN`] batches; returns true if the socket may hold more.
+    fn receive(&self, arena: &mut [u8], slot: usize) -> bool {
+        for _ in 0..RECV_TURN {
             let mut got: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(RECV_BATCH);
             let mut drained = false;
             for (i, buf) in arena.chunks_mut(slot).enumerate() {
@@ -217,10 +232,11 @@ impl IoLoop {
                 .map(|&(from, off, n)| InFrame { from: LinkAddr::from(from), data: RSlice::from_slice(&arena[off..off + n]) })
                 .collect();
             self.host.deliver(&frames);
-            if drained {
-                return;
+            if drained || self.stop.load(Ordering::Acquire) {
+                return false;
             }
         }
+        true
     }
 
     /// Sends queued datagrams; returns true when the kernel buffer is full.
@@ -280,8 +296,15 @@ impl Transport for UdpTransport {
         self.stop.store(true, Ordering::Release);
         self.outbox.close();
         let _ = self.waker.wake();
-        let handle = self.thread.lock().map(|mut g| g.take()).unwrap_or_else(|p| p.into_inner().take());
-        if let Some(h) = handle {
+        // Hold the lock across the join: a concurrent close must not return before the
+        // thread (and with it every host callback) is gone.
+        let mut guard = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = guard.take() {
+            if h.thread().id() == std::thread::current().id() {
+                // close() from a host callback on our own I/O thread: it exits after the
+                // callback returns, having seen the stop flag.
+                return Ok(());
+            }
             // The thread catches its own panics, so join only fails if it was killed.
             let _ = h.join();
         }
@@ -292,5 +315,82 @@ impl Transport for UdpTransport {
 impl Drop for UdpTransport {
     fn drop(&mut self) {
         let _ = Transport::close(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use antmesh_plugin_kit::testing::Harness;
+    use std::net::UdpSocket as StdUdp;
+    use std::time::Instant;
+
+    fn open_at(h: &Harness, cfg: &str) -> UdpTransport {
+        open(cfg, h.host.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_receive_flood_neither_starves_sending_nor_delays_close() {
+        let h = Harness::new();
+        let a = open_at(&h, r#"(bind: "127.0.0.1:0")"#);
+        let a_addr = a.local;
+        let sink = StdUdp::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let s = StdUdp::bind("127.0.0.1:0").unwrap();
+                let end = Instant::now() + Duration::from_secs(5);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    let _ = s.send_to(&[0u8; 64], a_addr);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let to = LinkAddr::from(sink.local_addr().unwrap());
+        let mut sent = 0;
+        let end = Instant::now() + Duration::from_secs(3);
+        while sent < 100 && Instant::now() < end {
+            match a.send(&to, b"out") {
+                Ok(()) => sent += 1,
+                Err(SendError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut buf = [0u8; 16];
+        let mut got = 0;
+        while got < 50 {
+            match sink.recv_from(&mut buf) {
+                Ok(_) => got += 1,
+                Err(e) => panic!("only {got} of {sent} outbound datagrams left during the flood: {e}"),
+            }
+        }
+        let t = Instant::now();
+        Transport::close(&a).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "close took {:?} under a flood", t.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        flood.join().unwrap();
+    }
+
+    #[test]
+    fn sends_after_close_are_refused() {
+        let h = Harness::new();
+        let a = open_at(&h, r#"(bind: "127.0.0.1:0")"#);
+        Transport::close(&a).unwrap();
+        Transport::close(&a).unwrap();
+        let to = LinkAddr::from(SocketAddr::from(([127, 0, 0, 1], 9)));
+        assert_eq!(a.send(&to, b"x"), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_positions() {
+        let h = Harness::new();
+        for cfg in [r#"(bind: "nonsense")"#, "(mtu: 0)", "(mtu: 70000)", "(queue_frames: 0)", r#"(bind: "127.0.0.1:0", broadcast: Some("[::1]:5"))"#] {
+            match open(cfg, h.host.clone()) {
+                Err(e) => assert_eq!(e.kind, antmesh_plugin_api::PluginErrorKind::BadConfig, "{cfg}: {e}"),
+                Ok(_) => panic!("{cfg} accepted"),
+            }
+        }
     }
 }
