@@ -35,6 +35,10 @@ pub struct NodeConfig {
     /// Where plugin libraries are loaded from.
     #[serde(default)]
     pub plugin_dir: Option<PathBuf>,
+    /// The identity key file (default: `$ANTMESH_HOME/identity.key`, else the XDG data
+    /// directory's `antmesh/identity.key`).
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
     /// tracing filter directive, e.g. `info` or `antmesh_host=debug`.
     #[serde(default = "default_log")]
     pub log: String,

@@ -11,5 +11,6 @@
 
 pub mod config;
 pub mod daemon;
+pub mod identity;
 pub mod plugin;
 pub mod transport;

@@ -9,6 +9,8 @@ use antmesh_host::plugin::loader;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "antmesh", version, about = "Post-quantum multi-hop mesh node")]
 struct Cli {
@@ -23,6 +25,10 @@ enum Command {
         /// Node configuration (RON); the embedded default when absent.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Identity file (default: the config's, else the data directory's identity.key;
+        /// created on first start).
+        #[arg(long)]
+        identity: Option<PathBuf>,
         /// Where to load plugins from (overrides the config).
         #[arg(long)]
         plugin_dir: Option<PathBuf>,
@@ -35,6 +41,11 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// The node's ML-DSA-65 identity.
+    Id {
+        #[command(subcommand)]
+        command: cli::id::IdCommand,
     },
     /// Configuration commands.
     Config {
@@ -77,13 +88,14 @@ fn init_tracing(filter: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { config, plugin_dir } => up(config, plugin_dir),
+        Command::Up { config, identity, plugin_dir } => up(config, identity, plugin_dir),
+        Command::Id { command } => cli::id::run(command),
         Command::Plugins { plugin_dir, json } => plugins(plugin_dir, json),
         Command::Config { command: ConfigCommand::Check { file, json } } => config_check(file, json),
     }
 }
 
-fn up(config: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> ExitCode {
+fn up(config: Option<PathBuf>, identity: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> ExitCode {
     let cfg = match load_config(config.as_ref()) {
         Ok(c) => c,
         Err(e) => {
@@ -99,6 +111,23 @@ fn up(config: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let Some(id_path) = identity.or(cfg.identity.clone()).or_else(antmesh_host::identity::default_identity_path) else {
+        tracing::error!("no identity path: pass --identity, set identity in the config, or set ANTMESH_HOME");
+        return ExitCode::from(2);
+    };
+    let id = match antmesh_host::identity::Identity::load_or_create(&id_path) {
+        Ok((id, created)) => {
+            if created {
+                tracing::info!(peer_id = %id.peer_id(), file = %id_path.display(), "created a new identity");
+            }
+            id
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(peer_id = %id.peer_id(), "identity loaded");
     match rt.block_on(daemon::run(cfg, plugin_dir, daemon::shutdown_signal())) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,9 +27,11 @@ fn wait_line(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>, needle: &str) 
 
 #[test]
 fn up_without_flags_opens_the_default_udp_interface_and_exits_0_on_sigint() {
+    let home = tempfile::tempdir().unwrap();
     let mut child = Command::new(ANTMESH)
         .arg("up")
         .env("RUST_LOG", "debug")
+        .env("ANTMESH_HOME", home.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -45,6 +47,12 @@ fn up_without_flags_opens_the_default_udp_interface_and_exits_0_on_sigint() {
         }
     });
     let mut seen = Vec::new();
+    // First start: an identity is created, 0600, in the data directory.
+    let created = wait_line(&rx, &mut seen, "created a new identity");
+    let key = home.path().join("identity.key");
+    assert!(created.contains(&key.display().to_string()), "{created}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     let iface = wait_line(&rx, &mut seen, "interface up");
     assert!(iface.contains("udp://0.0.0.0:4242"), "{iface}");
     wait_line(&rx, &mut seen, "node up");
@@ -94,8 +102,22 @@ fn an_interface_naming_a_missing_plugin_fails_startup_when_nothing_opens() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("node.ron");
     std::fs::write(&file, "(interfaces: [(name: \"x\", plugin: \"no-such-plugin\")])").unwrap();
-    let out = Command::new(ANTMESH).arg("up").arg("--config").arg(&file).output().unwrap();
+    let out = Command::new(ANTMESH).arg("up").arg("--config").arg(&file).env("ANTMESH_HOME", dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no plugin named `no-such-plugin`"), "{err}");
+}
+
+#[test]
+fn up_refuses_a_group_or_world_readable_identity() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id.key");
+    let out = Command::new(ANTMESH).args(["id", "new", "--identity"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(ANTMESH).args(["up", "--identity"]).arg(&key).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("too open") && err.contains("0644"), "{err}");
 }

@@ -241,7 +241,7 @@ pub fn load_installed(manifest_path: &Path) -> Result<LoadedPlugin, PluginLoadEr
     let lib = dir.join(&manifest.library);
     if let Some(expected) = &manifest.checksum {
         let bytes = std::fs::read(&lib).map_err(|source| PluginLoadError::Io { file: lib.clone(), source })?;
-        let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let found = hex::encode(Sha256::digest(&bytes));
         if !found.eq_ignore_ascii_case(expected) {
             return Err(PluginLoadError::Checksum { file: lib, expected: expected.clone(), found });
         }

@@ -1,0 +1,3 @@
+//! Operator subcommands of the `antmesh` binary (not part of the library).
+
+pub mod id;
