@@ -13,8 +13,14 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// A backoff between `min` and `max`.
+    /// The longest delay ever returned: one day.
+    pub const CEILING: Duration = Duration::from_secs(86_400);
+
+    /// A backoff between `min` and `max`. Both are capped at [`Backoff::CEILING`] so a
+    /// configured delay can never overflow a deadline (`Instant + delay`).
     pub fn new(min: Duration, max: Duration) -> Self {
+        let min = min.min(Self::CEILING);
+        let max = max.min(Self::CEILING);
         let seed = u64::from(std::process::id())
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -58,5 +64,15 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_millis(750));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+
+    #[test]
+    fn absurd_delays_are_capped() {
+        let mut b = Backoff::new(Duration::from_secs(u64::MAX / 4), Duration::MAX);
+        for _ in 0..4 {
+            let d = b.next_delay();
+            assert!(d <= Backoff::CEILING + Backoff::CEILING / 4);
+            assert!(std::time::Instant::now().checked_add(d).is_some());
+        }
     }
 }

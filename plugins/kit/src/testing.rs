@@ -1,11 +1,13 @@
 //! An in-process host for plugin unit tests: call your `open` function with
 //! [`Harness::host`] (or the exported root module with [`Harness::handle`]); every callback
 //! becomes an [`Event`] on a channel, and callbacks that arrive after the test declared the
-//! instance closed are counted so tests can assert there are none.
+//! instance closed are counted so tests can assert there are none. A hook
+//! ([`Harness::on_callback`]) runs inside every callback, on the plugin's thread, so tests can
+//! act from there (call `close` from a callback, stall one).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
@@ -27,17 +29,27 @@ pub enum Event {
     Log(LogLevel, String),
 }
 
+/// What [`Harness::on_callback`] installs.
+type Hook = Arc<dyn Fn(&Event) + Send + Sync>;
+
 #[derive(Clone)]
 struct TestHost {
     tx: Sender<Event>,
     closed: Arc<AtomicBool>,
     late: Arc<AtomicUsize>,
+    hook: Arc<Mutex<Option<Hook>>>,
 }
 
 impl TestHost {
     fn emit(&self, e: Event) {
         if self.closed.load(Ordering::SeqCst) {
             self.late.fetch_add(1, Ordering::SeqCst);
+        }
+        // Cloned out so the hook runs without the lock: it may re-enter the plugin, which
+        // may call back here from another thread.
+        let hook = self.hook.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(hook) = hook {
+            hook(&e);
         }
         let _ = self.tx.send(e);
     }
@@ -71,6 +83,7 @@ pub struct Harness {
     pub rx: Receiver<Event>,
     closed: Arc<AtomicBool>,
     late: Arc<AtomicUsize>,
+    hook: Arc<Mutex<Option<Hook>>>,
 }
 
 impl Default for Harness {
@@ -85,14 +98,30 @@ impl Harness {
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
         let late = Arc::new(AtomicUsize::new(0));
-        let th = TestHost { tx, closed: Arc::clone(&closed), late: Arc::clone(&late) };
+        let hook = Arc::new(Mutex::new(None));
+        let th = TestHost { tx, closed: Arc::clone(&closed), late: Arc::clone(&late), hook: Arc::clone(&hook) };
         let handle: HostHandleBox = HostHandle_TO::from_ptr(RArc::new(th), TD_Opaque);
-        Harness { host: Host::new(handle.clone()), handle, rx, closed, late }
+        Harness { host: Host::new(handle.clone()), handle, rx, closed, late, hook }
     }
 
     /// Declares the instance closed: any callback from now on is a bug.
     pub fn mark_closed(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// The flag behind [`mark_closed`](Self::mark_closed), for a hook that closes the
+    /// instance from inside a callback (set it right after `close` returns there). A
+    /// callback counts as late if it *starts* after the flag is set.
+    pub fn closed_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.closed)
+    }
+
+    /// Runs `hook` inside every later callback, on the calling plugin thread, before the
+    /// event is queued on [`rx`](Self::rx). Replaces an earlier hook. The hook must not
+    /// own the instance it is called for for good (take it out of a slot instead), or the
+    /// instance and this host keep each other alive.
+    pub fn on_callback(&self, hook: impl Fn(&Event) + Send + Sync + 'static) {
+        *self.hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(hook));
     }
 
     /// Callbacks received after `mark_closed`.

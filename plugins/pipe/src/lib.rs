@@ -14,8 +14,7 @@ mod supervisor;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use abi_stable::std_types::RString;
 use antmesh_plugin_api::{
@@ -26,7 +25,7 @@ use antmesh_plugin_kit::{FramingKind, Outbox};
 
 pub use config::Config;
 use supervisor::{spawn_child, supervise, Session, Shared};
-use antmesh_plugin_kit::sys::StopSignal;
+use antmesh_plugin_kit::sys::{Crew, StopSignal};
 
 antmesh_plugin_api::export_transport! {
     name: "pipe",
@@ -38,7 +37,9 @@ antmesh_plugin_api::export_transport! {
 /// An open pipe instance: one child process, one peer.
 pub struct PipeTransport {
     shared: Arc<Shared>,
-    supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Held by a `close` from outside the instance's threads for as long as it waits for
+    /// them, so that a second, concurrent `close` returns only when the first is done.
+    closing: Mutex<()>,
     caps: Capabilities,
     local: String,
 }
@@ -47,10 +48,13 @@ pub struct PipeTransport {
 /// error here; later respawn failures are only logged and retried) and starts its threads.
 pub fn open_pipe(config: &str, host: Host) -> Result<PipeTransport, PluginError> {
     let cfg = Config::parse(config)?;
-    let stop = StopSignal::new().map_err(|e| PluginError::io("creating the stop signal", &e))?;
+    let stop = Arc::new(StopSignal::new().map_err(|e| PluginError::io("creating the stop signal", &e))?);
     let child = spawn_child(&cfg).map_err(|e| PluginError::io(&format!("spawning `{}`", cfg.command), &e))?;
     let caps = capabilities(&cfg);
     let local = TransportAddr::Pipe(cfg.name.clone()).to_string();
+    // Every callback, the outbox's `writable` included, goes through the gate, so none
+    // starts once `close` has begun, whichever thread it would come from.
+    let host = stop.gate(host);
     let shared = Arc::new(Shared {
         peer_name: RString::from(cfg.peer_name()),
         peer: LinkAddr::Named(RString::from(cfg.peer_name())),
@@ -58,25 +62,28 @@ pub fn open_pipe(config: &str, host: Host) -> Result<PipeTransport, PluginError>
         host,
         child_up: AtomicBool::new(false),
         stop,
+        crew: Arc::new(Crew::new()),
         cfg,
     });
     let session = Session::start(&shared, child).map_err(|e| PluginError::io("starting the child's writer", &e))?;
     // Up before `open` returns, so a `send` right after it is accepted.
     shared.child_up.store(true, Ordering::SeqCst);
     let sh = Arc::clone(&shared);
-    let handle = thread::Builder::new()
-        .name("am-pipe-sup".into())
-        .spawn(move || {
+    shared
+        .crew
+        .spawn("am-pipe-sup", move || {
             if let Err(msg) = guard(|| supervise(&sh, session)) {
                 sh.child_up.store(false, Ordering::SeqCst);
                 sh.host.log(LogLevel::Error, &format!("pipe supervisor thread panicked: {msg}"));
             }
         })
         .map_err(|e| {
+            // The closure, and with it the session, is dropped: that kills and reaps the
+            // child and stops its writer (the stop signal makes the writer quit at once).
             shared.stop.trigger();
             PluginError::io("starting the supervisor thread", &e)
         })?;
-    Ok(PipeTransport { shared, supervisor: Mutex::new(Some(handle)), caps, local })
+    Ok(PipeTransport { shared, closing: Mutex::new(()), caps, local })
 }
 
 fn capabilities(cfg: &Config) -> Capabilities {
@@ -127,12 +134,25 @@ impl Transport for PipeTransport {
     }
 
     fn close(&self) -> Result<(), PluginError> {
+        // First, so that no callback starts from here on (the host is gated on it) and every
+        // thread's waits end.
         self.shared.stop.trigger();
         self.shared.outbox.close();
-        let handle = self.supervisor.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
-            // The body runs under `guard`, so a join error cannot carry a plugin panic.
-            let _ = h.join();
+        if self.shared.crew.is_member() {
+            // Called from a host callback on the supervisor or the writer: this thread
+            // cannot wait for itself. Wait for the other one (the crew keeps the two from
+            // waiting for each other); this one stops once the callback returns, and the
+            // gate silences whatever it would still report. The child is killed and reaped
+            // then too, if this is the supervisor.
+            self.shared.crew.finish();
+            return Ok(());
+        }
+        // Held across the wait, so a concurrent second `close` cannot return early.
+        let _closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.shared.crew.finish() {
+            // No thread is left to poll the signal: its pipe can go now rather than when
+            // the host drops the instance.
+            self.shared.stop.release();
         }
         Ok(())
     }

@@ -1,19 +1,20 @@
 //! The pipe instance's threads.
 //!
 //! One supervisor thread per instance owns the child: it spawns it, reads and decodes its
-//! stdout, notices when it exits, reaps it and respawns it after a backoff. Each child gets
-//! its own writer thread that drains the instance's `Outbox` into the child's stdin; the
-//! supervisor joins that writer before it reports the child down, so no writer outlives the
-//! child it was writing to. Every blocking wait also watches the instance's `StopSignal`,
-//! which is what keeps `close` fast.
+//! stdout, notices when it exits, kills what is left of its process group, reaps it and
+//! respawns it after a backoff. Each child gets its own writer thread that drains the
+//! instance's `Outbox` into the child's stdin; the supervisor joins that writer before it
+//! reports the child down, so no writer outlives the child it was writing to. Both threads
+//! belong to the instance's `Crew`, which is what lets `close` wait for them even when it
+//! is called from a callback on one of them. Every blocking wait also watches the
+//! instance's `StopSignal`, which is what keeps `close` fast.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RString};
@@ -21,7 +22,10 @@ use antmesh_plugin_api::{guard, Host, InFrame, LinkAddr, LogLevel};
 use antmesh_plugin_kit::{Backoff, Codec, Decoded, Outbox};
 
 use crate::config::Config;
-use antmesh_plugin_kit::sys::{block_sigpipe_in_this_thread, poll, pollfd, set_nonblocking, signal_group, StopSignal};
+use antmesh_plugin_kit::sys::{
+    block_sigpipe_in_this_thread, child_exited, new_session_on_spawn, poll, pollfd, set_nonblocking, signal_group,
+    Crew, StopSignal,
+};
 
 /// A child that lived this long was healthy: the next respawn starts from the minimum delay.
 const HEALTHY_LIFETIME: Duration = Duration::from_secs(5);
@@ -52,26 +56,27 @@ pub(crate) struct Shared {
     pub outbox: Outbox<Vec<u8>>,
     /// Whether a child is running and `send` may queue for it.
     pub child_up: AtomicBool,
-    pub stop: StopSignal,
+    /// Triggered by `close`; `host` (and the outbox's copy of it) is gated on it.
+    pub stop: Arc<StopSignal>,
+    /// The supervisor and the current writer.
+    pub crew: Arc<Crew>,
 }
 
-/// Starts the configured command with piped stdin/stdout in a process group of its own,
-/// so that killing it also reaches whatever it forked (`sh -c '…; cat'`).
+/// Starts the configured command with piped stdin/stdout in a session (and so a process
+/// group) of its own: killing the group also reaches whatever it forked (`sh -c 'a | b'`),
+/// and without a controlling terminal it can never be stopped by SIGTTIN/SIGTTOU for
+/// touching the host's terminal.
 pub(crate) fn spawn_child(cfg: &Config) -> io::Result<Child> {
-    Command::new(&cfg.command)
-        .args(&cfg.args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
+    let mut cmd = Command::new(&cfg.command);
+    cmd.args(&cfg.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    new_session_on_spawn(&mut cmd).spawn()
 }
 
 /// Why a session ended, as far as the reader could tell.
 enum End {
     /// The instance is closing.
     Closing,
-    /// The child exited (status already collected).
+    /// The child exited (seen, not reaped yet: its group is killed first).
     Exited,
     /// The child closed its stdout.
     Eof,
@@ -87,17 +92,31 @@ enum WriteEnd {
     Failed(io::Error),
 }
 
-/// One running child with its writer thread. Dropping it kills and reaps the child and
-/// joins the writer, so not even a panic in the supervisor leaves a process behind.
+/// What a wait for the child found.
+enum Exit {
+    /// Still running.
+    Running,
+    /// Exited, not reaped yet: its pid, and so its group id, is still ours.
+    Exited,
+    /// Not our child to wait for any more (reaped by someone else, e.g. the kernel when
+    /// the host ignores SIGCHLD); its group id may already belong to someone else.
+    Gone(io::Error),
+}
+
+/// One running child with its writer thread. Dropping it kills the child's process group,
+/// reaps the child and joins the writer, so not even a panic in the supervisor leaves a
+/// process behind.
 pub(crate) struct Session {
+    shared: Arc<Shared>,
     child: Child,
     stdout: Option<ChildStdout>,
-    writer: Option<JoinHandle<()>>,
+    writer: Option<ThreadId>,
     /// Tells the writer this child is finished.
     ended: Arc<AtomicBool>,
     /// Set by the writer when a write to stdin failed.
     write_error: Arc<Mutex<Option<String>>>,
-    status: Option<ExitStatus>,
+    /// How the child ended, once it is reaped (or found reaped elsewhere).
+    outcome: Option<String>,
     started: Instant,
 }
 
@@ -107,12 +126,13 @@ impl Session {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let mut session = Session {
+            shared: Arc::clone(shared),
             child,
             stdout: None,
             writer: None,
             ended: Arc::new(AtomicBool::new(false)),
             write_error: Arc::new(Mutex::new(None)),
-            status: None,
+            outcome: None,
             started: Instant::now(),
         };
         let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
@@ -122,7 +142,7 @@ impl Session {
         set_nonblocking(stdin.as_raw_fd())?;
         session.stdout = Some(stdout);
         let (sh, ended, err) = (Arc::clone(shared), Arc::clone(&session.ended), Arc::clone(&session.write_error));
-        let writer = thread::Builder::new().name("am-pipe-wr".into()).spawn(move || {
+        let writer = shared.crew.spawn("am-pipe-wr", move || {
             let host = sh.host.clone();
             if let Err(msg) = guard(|| writer_main(&sh, &stdin, &ended, &err)) {
                 host.log(LogLevel::Error, &format!("pipe writer thread panicked: {msg}"));
@@ -136,63 +156,75 @@ impl Session {
         self.write_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Makes sure the child is gone and reaped (waiting `natural` for it to exit by itself
-    /// first), joins the writer, and returns the exit status as text.
+    /// Makes sure the child and its process group are gone and the child reaped (waiting
+    /// `natural` for it to exit by itself first), joins the writer, and returns how the
+    /// child ended, as text.
     fn finish(&mut self, natural: Duration) -> String {
         self.ended.store(true, Ordering::SeqCst);
-        let status = self.reap(natural);
+        let outcome = self.reap(natural);
         if let Some(w) = self.writer.take() {
-            let _ = w.join();
+            // Returns at once if the writer is the thread that called `close` (from a
+            // callback): it may be waiting for this thread, and finishes on its own.
+            self.shared.crew.join(w);
         }
         self.stdout = None;
-        status
+        outcome
     }
 
     fn reap(&mut self, natural: Duration) -> String {
-        if let Some(st) = self.status {
-            return st.to_string();
+        if let Some(outcome) = &self.outcome {
+            return outcome.clone();
         }
-        if self.wait_for_exit(natural) {
-            return self.status_text();
+        let outcome = self.stop_and_reap(natural);
+        self.outcome = Some(outcome.clone());
+        outcome
+    }
+
+    fn stop_and_reap(&mut self, natural: Duration) -> String {
+        let pid = self.child.id();
+        let mut exit = self.wait_for_exit(natural);
+        if matches!(exit, Exit::Running) {
+            signal_group(pid, libc::SIGTERM);
+            exit = self.wait_for_exit(TERM_GRACE);
         }
-        signal_group(self.child.id(), libc::SIGTERM);
-        if self.wait_for_exit(TERM_GRACE) {
-            return self.status_text();
+        if let Exit::Gone(e) = exit {
+            // Its group id may be reused by now, so its group is left alone.
+            return gone_text(&e);
         }
-        signal_group(self.child.id(), libc::SIGKILL);
+        // The child is not reaped yet, so its pid, which is its group's id, cannot have been
+        // reused: kill whatever is left of the group before reaping it. That is everything
+        // when the child ignored SIGTERM, and its own children (`sh -c 'a | b'`, a
+        // background job) when it exited by itself: they would otherwise outlive it, the
+        // respawns and `close`.
+        signal_group(pid, libc::SIGKILL);
         // After SIGKILL the wait is short; it is also what keeps the child from lingering
         // as a zombie.
         match self.child.wait() {
-            Ok(st) => {
-                self.status = Some(st);
-                st.to_string()
-            }
+            Ok(st) => st.to_string(),
             Err(e) => format!("unknown status ({e})"),
         }
     }
 
-    /// Polls for the child's exit for up to `limit`; true once it has been reaped.
-    fn wait_for_exit(&mut self, limit: Duration) -> bool {
+    /// Polls for the child's exit for up to `limit`, without reaping it.
+    fn wait_for_exit(&mut self, limit: Duration) -> Exit {
         let deadline = Instant::now() + limit;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
-                    self.status = Some(st);
-                    return true;
-                }
-                Ok(None) => {}
-                Err(_) => return false,
+            match child_exited(self.child.id()) {
+                Ok(true) => return Exit::Exited,
+                Ok(false) => {}
+                Err(e) => return Exit::Gone(e),
             }
             if Instant::now() >= deadline {
-                return false;
+                return Exit::Running;
             }
             thread::sleep(Duration::from_millis(2));
         }
     }
+}
 
-    fn status_text(&self) -> String {
-        self.status.map(|s| s.to_string()).unwrap_or_else(|| "unknown status".to_owned())
-    }
+/// The exit status text for a child someone else reaped.
+fn gone_text(e: &io::Error) -> String {
+    format!("unknown status (reaped elsewhere: {e})")
 }
 
 impl Drop for Session {
@@ -298,24 +330,31 @@ fn read_loop(shared: &Shared, session: &mut Session, stdout: &mut ChildStdout, d
                 Err(e) => return End::Kill(format!("reading its stdout failed: {e}")),
             }
         }
-        match session.child.try_wait() {
-            Ok(Some(st)) => {
-                session.status = Some(st);
-                // Whatever it wrote before exiting is still in the pipe: deliver it.
-                for _ in 0..DRAIN_READS {
-                    match stdout.read(&mut buf) {
-                        Ok(n) if n > 0 => {
-                            if consume(shared, &mut codec, &buf[..n], &mut decoded, drops).is_err() {
-                                break;
-                            }
-                        }
-                        _ => break,
-                    }
-                }
-                return End::Exited;
+        // Only noticed here, not reaped: `finish` kills the rest of its group first.
+        let exited = match child_exited(session.child.id()) {
+            Ok(exited) => exited,
+            Err(e) => {
+                // Someone else reaped it: it is gone, and its group must not be signalled.
+                session.outcome = Some(gone_text(&e));
+                true
             }
-            Ok(None) => {}
-            Err(e) => return End::Kill(format!("waiting for it failed: {e}")),
+        };
+        if exited {
+            // Whatever it wrote before exiting is still in the pipe: deliver it.
+            for _ in 0..DRAIN_READS {
+                if shared.stop.is_set() {
+                    return End::Closing;
+                }
+                match stdout.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        if consume(shared, &mut codec, &buf[..n], &mut decoded, drops).is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            return End::Exited;
         }
     }
 }

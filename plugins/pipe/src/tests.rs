@@ -2,7 +2,9 @@
 //! `socat`) through the test host.
 
 use std::path::Path;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RString;
@@ -311,12 +313,16 @@ fn open_close_100_times_leaks_nothing() {
     let (fds, threads) = (fd_count(), our_threads());
     assert_eq!(threads, 0);
     let mut closes = Vec::new();
+    // Kept until the end: `close` alone must release everything, stop-signal pipe included,
+    // even while the host still holds the closed instances.
+    let mut closed = Vec::new();
     for i in 0..100 {
         let t = open(&h, &config("leak", "cat", &[], ""));
         t.send(&named("leak"), format!("frame {i}").as_bytes()).unwrap();
         let start = Instant::now();
         t.close().unwrap();
         closes.push(start.elapsed());
+        closed.push(t);
     }
     h.mark_closed();
     closes.sort();
@@ -325,6 +331,8 @@ fn open_close_100_times_leaks_nothing() {
     assert_eq!(fd_count(), fds, "fd leak");
     assert_eq!(our_threads(), 0, "thread leak");
     assert_eq!(children(), Vec::<String>::new(), "child processes left behind");
+    drop(closed);
+    assert_eq!(fd_count(), fds, "fd leak");
     assert_eq!(h.late_callbacks(), 0);
 }
 
@@ -350,6 +358,306 @@ fn exported_root_module_opens_a_guarded_instance() {
     inst.send(&named("m"), small).unwrap();
     assert_eq!(h.frames(1, T), vec![(named("m"), b"via the ABI".to_vec())]);
     inst.close().unwrap();
+    h.mark_closed();
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+/// The pid a child script wrote to `p` (waits for it).
+fn read_pid(p: &Path) -> u32 {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(p).ok().and_then(|s| s.lines().next()?.trim().parse().ok()) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "{} never got a pid", p.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` after the parenthesised command: state, ppid, pgrp,
+/// session, tty_nr, …
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Whether `pid` still runs (a zombie waiting for init to reap it does not count).
+fn running(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
+}
+
+/// Waits up to `T` for `pid` to stop running.
+fn wait_not_running(pid: u32) -> bool {
+    let deadline = Instant::now() + T;
+    while running(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// Kills a stray test process (by pid, so a failed test does not leave `sleep 300` behind).
+fn kill_stray(pid: u32) {
+    if running(pid) {
+        // SAFETY: kill has no memory-safety preconditions; `pid` was just seen running.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn grandchildren_die_with_a_child_that_exits_by_itself() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("bg");
+    // The background job keeps the stdout pipe open, so the exit itself is what ends the
+    // session; every respawn appends its own job's pid.
+    let script = format!("sleep 300 & echo $! >> '{}'; exit 7", pids.display());
+    let h = Harness::new();
+    let t = open(&h, &config("gc", "sh", &["-c", &script], ""));
+    let (_, reason) = h.wait_down(T).unwrap();
+    assert!(reason.starts_with("child exited: exit status: 7"), "{reason}");
+    let first = read_pid(&pids);
+    let dead = wait_not_running(first);
+    kill_stray(first);
+    assert!(dead, "the exited child's background job {first} survived it");
+    // Respawned children's jobs go at the latest with `close`.
+    assert!(h.wait_up(T).is_some());
+    close(&h, &t);
+    let all: Vec<u32> = std::fs::read_to_string(&pids).unwrap().lines().filter_map(|l| l.parse().ok()).collect();
+    let survivors: Vec<u32> = all.iter().copied().filter(|&p| !wait_not_running(p)).collect();
+    survivors.iter().for_each(|&p| kill_stray(p));
+    assert!(survivors.is_empty(), "background jobs {survivors:?} outlived close");
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+#[test]
+fn grandchildren_die_with_a_child_that_closes_stdout_and_exits() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("bg");
+    // Closes its stdout (end of file for the reader), then exits within the grace period.
+    let script = format!("sleep 300 >/dev/null & echo $! > '{}'; exec >&-; sleep 0.02", pid_file.display());
+    let h = Harness::new();
+    let t = open(&h, &config("eof", "sh", &["-c", &script], "respawn: false"));
+    let (_, reason) = h.wait_down(T).unwrap();
+    assert!(reason.starts_with("child exited: exit status: 0"), "{reason}");
+    let bg = read_pid(&pid_file);
+    let dead = wait_not_running(bg);
+    kill_stray(bg);
+    assert!(dead, "the background job {bg} survived its parent's exit");
+    close(&h, &t);
+}
+
+#[test]
+fn close_kills_grandchildren() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("bg");
+    let script = format!("sleep 300 & echo $! > '{}'; exec cat", pid_file.display());
+    let h = Harness::new();
+    let t = open(&h, &config("gc", "sh", &["-c", &script], ""));
+    let bg = read_pid(&pid_file);
+    assert!(running(bg));
+    close(&h, &t);
+    let dead = wait_not_running(bg);
+    kill_stray(bg);
+    assert!(dead, "the background job {bg} survived close");
+}
+
+#[test]
+fn child_runs_in_a_session_of_its_own_without_a_terminal() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let script = format!("echo $$ > '{}'; exec cat", pid_file.display());
+    let h = Harness::new();
+    let t = open(&h, &config("s", "sh", &["-c", &script], ""));
+    let pid = read_pid(&pid_file);
+    let f = stat_fields(pid).unwrap();
+    // state, ppid, pgrp, session, tty_nr
+    assert_eq!(f[2], pid.to_string(), "process group");
+    assert_eq!(f[3], pid.to_string(), "session");
+    assert_eq!(f[4], "0", "controlling terminal");
+    close(&h, &t);
+}
+
+/// Restores SIGCHLD's default disposition when dropped.
+struct SigchldIgnored;
+
+impl SigchldIgnored {
+    fn new() -> SigchldIgnored {
+        // SAFETY: changing a signal disposition; the test holds the exclusive lock, so no
+        // other test in this process spawns or waits for children meanwhile.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+        SigchldIgnored
+    }
+}
+
+impl Drop for SigchldIgnored {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    }
+}
+
+#[test]
+fn a_child_reaped_elsewhere_is_reported_and_its_group_left_alone() {
+    let _g = exclusive();
+    let _ignored = SigchldIgnored::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("bg");
+    let script = format!("sleep 300 & echo $! > '{}'; exit 3", pid_file.display());
+    let h = Harness::new();
+    let t = open(&h, &config("ign", "sh", &["-c", &script], "respawn: false"));
+    let (_, reason) = h.wait_down(T).unwrap();
+    let bg = read_pid(&pid_file);
+    // The kernel reaped the child, so its group id may belong to anyone by now: it must
+    // not be signalled, which here shows as the background job surviving.
+    std::thread::sleep(Duration::from_millis(50));
+    let alive = running(bg);
+    kill_stray(bg);
+    assert!(reason.starts_with("child exited: unknown status (reaped elsewhere"), "{reason}");
+    assert!(alive, "the group of a child reaped elsewhere was signalled");
+    close(&h, &t);
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+/// Closes the instance from inside the first callback matching `pred` and reports, from
+/// there, close's result, the thread's name and whether `pid` (if any) was still there.
+struct CloseInCallback {
+    done: mpsc::Receiver<(bool, Option<String>, bool)>,
+}
+
+impl CloseInCallback {
+    fn install(
+        h: &Harness,
+        t: &Arc<PipeTransport>,
+        pid: Option<u32>,
+        pred: impl Fn(&Event) -> bool + Send + Sync + 'static,
+    ) -> CloseInCallback {
+        // Taken on first use, so the hook does not keep the instance alive.
+        let slot = Mutex::new(Some(Arc::clone(t)));
+        let closed = h.closed_flag();
+        let (tx, done) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        h.on_callback(move |e| {
+            if !pred(e) {
+                return;
+            }
+            let Some(t) = slot.lock().unwrap().take() else { return };
+            let ok = t.close().is_ok();
+            closed.store(true, Ordering::SeqCst);
+            let child_left = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let name = std::thread::current().name().map(str::to_owned);
+            let _ = tx.lock().unwrap().send((ok, name, child_left));
+        });
+        CloseInCallback { done }
+    }
+
+    fn wait(&self) -> (bool, Option<String>, bool) {
+        self.done.recv_timeout(T).expect("close from the callback did not return (deadlock?)")
+    }
+}
+
+#[test]
+fn close_from_a_deliver_callback_on_the_supervisor() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let script = format!("echo $$ > '{}'; exec cat", pid_file.display());
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config("cb", "sh", &["-c", &script], "")));
+    let pid = read_pid(&pid_file);
+    let cb = CloseInCallback::install(&h, &t, None, |e| matches!(e, Event::Frames(_)));
+    t.send(&named("cb"), b"one").unwrap();
+    let (ok, thread, _) = cb.wait();
+    assert!(ok);
+    assert_eq!(thread.as_deref(), Some("am-pipe-sup"));
+    assert_eq!(t.send(&named("cb"), b"two"), Err(SendError::Closed));
+    // Once the callback returned, the supervisor stops the child; a later close from
+    // outside waits for that.
+    t.close().unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "child not reaped");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+#[test]
+fn close_from_a_link_up_callback_on_the_supervisor() {
+    let _g = shared();
+    let h = Harness::new();
+    // Exits at once and is respawned, so link_up keeps coming from the supervisor.
+    let t = Arc::new(open(&h, &config("up", "sh", &["-c", "exit 0"], "")));
+    let cb = CloseInCallback::install(&h, &t, None, |e| matches!(e, Event::Up(_)));
+    let (ok, thread, _) = cb.wait();
+    assert!(ok);
+    assert_eq!(thread.as_deref(), Some("am-pipe-sup"));
+    std::thread::sleep(Duration::from_millis(100));
+    t.close().unwrap();
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+#[test]
+fn close_from_a_writable_callback_on_the_writer() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let (go, pid_file) = (dir.path().join("go"), dir.path().join("pid"));
+    let script =
+        format!("echo $$ > '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; cat > /dev/null", pid_file.display(), go.display());
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config("wr", "sh", &["-c", &script], "queue_frames: 4")));
+    let pid = read_pid(&pid_file);
+    let frame = vec![0x55u8; 16 * 1024];
+    let mut blocked = false;
+    for _ in 0..10_000 {
+        match t.send(&named("wr"), &frame) {
+            Ok(()) => {}
+            Err(SendError::WouldBlock) => {
+                blocked = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(blocked, "never saw WouldBlock");
+    let cb = CloseInCallback::install(&h, &t, Some(pid), |e| matches!(e, Event::Writable));
+    std::fs::write(&go, b"").unwrap();
+    let (ok, thread, child_left) = cb.wait();
+    assert!(ok);
+    assert_eq!(thread.as_deref(), Some("am-pipe-wr"));
+    // The writer waited for the supervisor, which stopped and reaped the child.
+    assert!(!child_left, "child still there when close returned");
+    t.close().unwrap();
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+#[test]
+fn concurrent_closes_both_wait_for_a_running_callback() {
+    let _g = shared();
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config("cc", "cat", &[], "")));
+    let (entered_tx, entered) = mpsc::channel();
+    let entered_tx = Mutex::new(entered_tx);
+    let finished = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&finished);
+    h.on_callback(move |e| {
+        if matches!(e, Event::Frames(_)) && !f2.load(Ordering::SeqCst) {
+            let _ = entered_tx.lock().unwrap().send(());
+            std::thread::sleep(Duration::from_millis(300));
+            f2.store(true, Ordering::SeqCst);
+        }
+    });
+    t.send(&named("cc"), b"slow").unwrap();
+    entered.recv_timeout(T).unwrap();
+    let t2 = Arc::clone(&t);
+    let first = std::thread::spawn(move || t2.close());
+    std::thread::sleep(Duration::from_millis(50));
+    t.close().unwrap();
+    assert!(finished.load(Ordering::SeqCst), "the second close returned while a callback still ran");
+    first.join().unwrap().unwrap();
     h.mark_closed();
     assert_eq!(h.late_callbacks(), 0);
 }

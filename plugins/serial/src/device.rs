@@ -5,14 +5,16 @@
 //! and reports link state. For each opened port it starts a writer thread on a duplicate
 //! descriptor that drains the instance's `Outbox`, frames the data and sends keepalives;
 //! the device thread joins that writer before it reports the device down, so no writer
-//! outlives the port it writes to. Every blocking wait also watches the instance's
-//! `StopSignal`, which is what keeps `close` fast.
+//! outlives the port it writes to. Both threads belong to the instance's `Crew`, which is
+//! what lets `close` wait for them even when it is called from a callback on one of them.
+//! Every blocking wait also watches the instance's `StopSignal`, which is what keeps
+//! `close` fast.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RSlice, RString};
@@ -21,7 +23,7 @@ use antmesh_plugin_kit::{Backoff, Codec, Decoded, FramingKind, Outbox};
 use serialport::TTYPort;
 
 use crate::config::Config;
-use antmesh_plugin_kit::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd, StopSignal};
+use antmesh_plugin_kit::sys::{poll, pollfd, read_fd, set_nonblocking, write_fd, Crew, StopSignal};
 
 /// HDLC payload type byte: the rest of the frame is data for the host.
 pub(crate) const TYPE_DATA: u8 = 0x00;
@@ -52,7 +54,10 @@ pub(crate) struct Shared {
     pub outbox: Outbox<Vec<u8>>,
     /// Whether the device is open and `send` may queue for it.
     pub device_open: AtomicBool,
-    pub stop: StopSignal,
+    /// Triggered by `close`; `host` (and the outbox's copy of it) is gated on it.
+    pub stop: Arc<StopSignal>,
+    /// The device thread and the current writer.
+    pub crew: Arc<Crew>,
 }
 
 /// Opens the device (exclusive access, raw mode) and makes it non-blocking: both threads
@@ -85,7 +90,8 @@ enum WriteEnd {
 struct Writer {
     ended: Arc<AtomicBool>,
     error: Arc<Mutex<Option<String>>>,
-    handle: Option<JoinHandle<()>>,
+    crew: Arc<Crew>,
+    thread: Option<ThreadId>,
 }
 
 impl Writer {
@@ -93,12 +99,12 @@ impl Writer {
         let ended = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
         let (sh, e2, err2) = (Arc::clone(shared), Arc::clone(&ended), Arc::clone(&error));
-        let handle = thread::Builder::new().name("am-serial-wr".into()).spawn(move || {
+        let thread = shared.crew.spawn("am-serial-wr", move || {
             if let Err(msg) = guard(|| writer_main(&sh, &port, &e2, &err2)) {
                 sh.host.log(LogLevel::Error, &format!("serial writer thread panicked: {msg}"));
             }
         })?;
-        Ok(Writer { ended, error, handle: Some(handle) })
+        Ok(Writer { ended, error, crew: Arc::clone(&shared.crew), thread: Some(thread) })
     }
 
     fn error(&self) -> Option<String> {
@@ -107,8 +113,10 @@ impl Writer {
 
     fn stop(&mut self) {
         self.ended.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        if let Some(t) = self.thread.take() {
+            // Returns at once if the writer is the thread that called `close` (from a
+            // callback): it may be waiting for this thread, and finishes on its own.
+            self.crew.join(t);
         }
     }
 }

@@ -15,8 +15,7 @@ mod device;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use abi_stable::std_types::RString;
 use antmesh_plugin_api::{
@@ -27,7 +26,7 @@ use antmesh_plugin_kit::Outbox;
 
 pub use config::Config;
 use device::{open_port, run, Shared};
-use antmesh_plugin_kit::sys::StopSignal;
+use antmesh_plugin_kit::sys::{Crew, StopSignal};
 
 antmesh_plugin_api::export_transport! {
     name: "serial",
@@ -39,7 +38,9 @@ antmesh_plugin_api::export_transport! {
 /// An open serial instance: one device, one peer.
 pub struct SerialTransport {
     shared: Arc<Shared>,
-    device_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Held by a `close` from outside the instance's threads for as long as it waits for
+    /// them, so that a second, concurrent `close` returns only when the first is done.
+    closing: Mutex<()>,
     caps: Capabilities,
     local: String,
 }
@@ -49,11 +50,14 @@ pub struct SerialTransport {
 /// threads.
 pub fn open_serial(config: &str, host: Host) -> Result<SerialTransport, PluginError> {
     let cfg = Config::parse(config)?;
-    let stop = StopSignal::new().map_err(|e| PluginError::io("creating the stop signal", &e))?;
+    let stop = Arc::new(StopSignal::new().map_err(|e| PluginError::io("creating the stop signal", &e))?);
     let port = open_port(&cfg).map_err(|msg| PluginError::new(PluginErrorKind::Io, msg))?;
     let caps = capabilities(&cfg);
     let local = cfg.address().to_string();
     let peer_name = RString::from(cfg.peer_name());
+    // Every callback, the outbox's `writable` included, goes through the gate, so none
+    // starts once `close` has begun, whichever thread it would come from.
+    let host = stop.gate(host);
     let shared = Arc::new(Shared {
         peer: LinkAddr::Named(peer_name.clone()),
         peer_name,
@@ -62,19 +66,20 @@ pub fn open_serial(config: &str, host: Host) -> Result<SerialTransport, PluginEr
         // Open already: a `send` right after `open` returns is accepted.
         device_open: AtomicBool::new(true),
         stop,
+        crew: Arc::new(Crew::new()),
         cfg,
     });
     let sh = Arc::clone(&shared);
-    let handle = thread::Builder::new()
-        .name("am-serial-rd".into())
-        .spawn(move || {
+    shared
+        .crew
+        .spawn("am-serial-rd", move || {
             if let Err(msg) = guard(|| run(&sh, port)) {
                 sh.device_open.store(false, Ordering::SeqCst);
                 sh.host.log(LogLevel::Error, &format!("serial device thread panicked: {msg}"));
             }
         })
         .map_err(|e| PluginError::io("starting the device thread", &e))?;
-    Ok(SerialTransport { shared, device_thread: Mutex::new(Some(handle)), caps, local })
+    Ok(SerialTransport { shared, closing: Mutex::new(()), caps, local })
 }
 
 fn capabilities(cfg: &Config) -> Capabilities {
@@ -127,12 +132,25 @@ impl Transport for SerialTransport {
     }
 
     fn close(&self) -> Result<(), PluginError> {
+        // First, so that no callback starts from here on (the host is gated on it) and every
+        // thread's waits end.
         self.shared.stop.trigger();
         self.shared.outbox.close();
-        let handle = self.device_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
-            // The body runs under `guard`, so a join error cannot carry a plugin panic.
-            let _ = h.join();
+        if self.shared.crew.is_member() {
+            // Called from a host callback on the device thread or the writer: this thread
+            // cannot wait for itself. Wait for the other one (the crew keeps the two from
+            // waiting for each other); this one stops once the callback returns, and the
+            // gate silences whatever it would still report. The port is closed then too, if
+            // this is the device thread.
+            self.shared.crew.finish();
+            return Ok(());
+        }
+        // Held across the wait, so a concurrent second `close` cannot return early.
+        let _closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.shared.crew.finish() {
+            // No thread is left to poll the signal: its pipe can go now rather than when
+            // the host drops the instance.
+            self.shared.stop.release();
         }
         Ok(())
     }

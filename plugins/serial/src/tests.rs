@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -476,12 +477,16 @@ fn open_close_100_times_leaks_nothing() {
     let (fds, threads) = (fd_count(), our_threads());
     assert_eq!(threads, 0);
     let mut closes = Vec::new();
+    // Kept until the end: `close` alone must release everything, stop-signal pipe included,
+    // even while the host still holds the closed instances.
+    let mut closed = Vec::new();
     for i in 0..100 {
         let t = open(&h, &config(&peer.path, "keepalive_ms: Some(1000)"));
         t.send(&named(&peer.path), format!("frame {i}").as_bytes()).unwrap();
         let start = Instant::now();
         t.close().unwrap();
         closes.push(start.elapsed());
+        closed.push(t);
     }
     h.mark_closed();
     closes.sort();
@@ -489,6 +494,8 @@ fn open_close_100_times_leaks_nothing() {
     assert!(closes[50] < Duration::from_millis(100), "median close {:?}", closes[50]);
     assert_eq!(fd_count(), fds, "fd leak");
     assert_eq!(our_threads(), 0, "thread leak");
+    drop(closed);
+    assert_eq!(fd_count(), fds, "fd leak");
     assert_eq!(h.late_callbacks(), 0);
     // The device is still usable afterwards (exclusive access was released each time).
     let h = Harness::new();
@@ -525,6 +532,132 @@ fn exported_root_module_opens_a_guarded_instance() {
     inst.send(&named(&peer.path), abi_stable::std_types::RSlice::from_slice(b"via the ABI")).unwrap();
     assert_eq!(peer.recv_data(T), Some(data(b"via the ABI")));
     inst.close().unwrap();
+    h.mark_closed();
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+/// Closes the instance from inside the first callback matching `pred` and reports, from
+/// there, close's result and the thread's name.
+struct CloseInCallback {
+    done: mpsc::Receiver<(bool, Option<String>)>,
+}
+
+impl CloseInCallback {
+    fn install(
+        h: &Harness,
+        t: &Arc<SerialTransport>,
+        pred: impl Fn(&Event) -> bool + Send + Sync + 'static,
+    ) -> CloseInCallback {
+        // Taken on first use, so the hook does not keep the instance alive.
+        let slot = Mutex::new(Some(Arc::clone(t)));
+        let closed = h.closed_flag();
+        let (tx, done) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        h.on_callback(move |e| {
+            if !pred(e) {
+                return;
+            }
+            let Some(t) = slot.lock().unwrap().take() else { return };
+            let ok = t.close().is_ok();
+            closed.store(true, Ordering::SeqCst);
+            let name = std::thread::current().name().map(str::to_owned);
+            let _ = tx.lock().unwrap().send((ok, name));
+        });
+        CloseInCallback { done }
+    }
+
+    fn try_wait(&self) -> Option<(bool, Option<String>)> {
+        self.done.try_recv().ok()
+    }
+
+    fn wait(&self) -> (bool, Option<String>) {
+        self.done.recv_timeout(T).expect("close from the callback did not return (deadlock?)")
+    }
+}
+
+#[test]
+fn close_from_a_link_up_callback_on_the_device_thread() {
+    let _g = shared();
+    let mut peer = PtyPeer::new(FramingKind::Hdlc);
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config(&peer.path, "keepalive_ms: Some(50), dead_after_ms: 1000")));
+    let cb = CloseInCallback::install(&h, &t, |e| matches!(e, Event::Up(_)));
+    // With keepalives the link comes up on the first frame from the peer.
+    peer.send(&[TYPE_KEEPALIVE]);
+    let (ok, thread) = cb.wait();
+    assert!(ok);
+    assert_eq!(thread.as_deref(), Some("am-serial-rd"));
+    assert_eq!(t.send(&named(&peer.path), b"x"), Err(SendError::Closed));
+    // Frames after the close are neither delivered nor reported.
+    peer.send(&data(b"after close"));
+    std::thread::sleep(Duration::from_millis(100));
+    t.close().unwrap();
+    assert_eq!(h.late_callbacks(), 0);
+    // The port was closed: exclusive access is free again.
+    let t = open(&h, &config(&peer.path, "keepalive_ms: None"));
+    t.close().unwrap();
+}
+
+#[test]
+fn close_from_a_writable_callback_on_the_writer() {
+    let _g = shared();
+    let mut peer = PtyPeer::new(FramingKind::Hdlc);
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config(&peer.path, "keepalive_ms: None, queue_frames: 4")));
+    let frame = pattern(1024);
+    let mut blocked = false;
+    // The test does not read the master, so the pty buffer fills and the writer stalls.
+    for _ in 0..100_000 {
+        match t.send(&named(&peer.path), &frame) {
+            Ok(()) => {}
+            Err(SendError::WouldBlock) => {
+                blocked = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(blocked, "never saw WouldBlock");
+    let cb = CloseInCallback::install(&h, &t, |e| matches!(e, Event::Writable));
+    let deadline = Instant::now() + T;
+    let (ok, thread) = loop {
+        assert!(Instant::now() < deadline, "close from writable never returned (deadlock?)");
+        let _ = peer.recv(Duration::from_millis(10));
+        if let Some(r) = cb.try_wait() {
+            break r;
+        }
+    };
+    assert!(ok);
+    assert_eq!(thread.as_deref(), Some("am-serial-wr"));
+    t.close().unwrap();
+    assert_eq!(h.late_callbacks(), 0);
+}
+
+#[test]
+fn concurrent_closes_both_wait_for_a_running_callback() {
+    let _g = shared();
+    let mut peer = PtyPeer::new(FramingKind::Hdlc);
+    let h = Harness::new();
+    let t = Arc::new(open(&h, &config(&peer.path, "keepalive_ms: None")));
+    let (entered_tx, entered) = mpsc::channel();
+    let entered_tx = Mutex::new(entered_tx);
+    let finished = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&finished);
+    h.on_callback(move |e| {
+        if matches!(e, Event::Frames(_)) && !f2.load(Ordering::SeqCst) {
+            let _ = entered_tx.lock().unwrap().send(());
+            std::thread::sleep(Duration::from_millis(300));
+            f2.store(true, Ordering::SeqCst);
+        }
+    });
+    peer.send(&data(b"slow"));
+    entered.recv_timeout(T).unwrap();
+    let t2 = Arc::clone(&t);
+    let first = std::thread::spawn(move || t2.close());
+    std::thread::sleep(Duration::from_millis(50));
+    t.close().unwrap();
+    assert!(finished.load(Ordering::SeqCst), "the second close returned while a callback still ran");
+    first.join().unwrap().unwrap();
     h.mark_closed();
     assert_eq!(h.late_callbacks(), 0);
 }

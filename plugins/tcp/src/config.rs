@@ -7,6 +7,11 @@ use std::time::Duration;
 use antmesh_plugin_api::PluginError;
 use serde::Deserialize;
 
+/// Largest `mtu` accepted (16 MiB). Every connection may buffer one partial inbound frame of
+/// up to `mtu` bytes, so this caps what a peer can make the instance hold per connection;
+/// mesh frames are far smaller, so a larger value can only be a mistake.
+pub const MAX_MTU: u32 = 16 * 1024 * 1024;
+
 /// One tcp instance's settings, parsed from the interface's RON `config`.
 ///
 /// ```ron
@@ -18,6 +23,8 @@ use serde::Deserialize;
 ///   backoff_min_ms: 100,
 ///   backoff_max_ms: 30000,
 ///   nodelay: true,
+///   max_connections: 256,
+///   frame_timeout_ms: 30000,
 /// )
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -29,7 +36,7 @@ pub struct Config {
     /// Peers to dial at open and to redial, with backoff, whenever the connection is lost.
     pub connect: Vec<SocketAddr>,
     /// Largest frame payload in bytes, both ways: larger outbound frames are refused and a
-    /// peer announcing a larger frame is disconnected.
+    /// peer announcing a larger frame is disconnected. At most [`MAX_MTU`].
     pub mtu: u32,
     /// Frames each connection may queue before `send` returns `WouldBlock`.
     pub queue_frames: usize,
@@ -39,6 +46,15 @@ pub struct Config {
     pub backoff_max_ms: u64,
     /// Disable Nagle's algorithm: mesh frames are latency-sensitive and already batched.
     pub nodelay: bool,
+    /// Connections open at once, accepted and dialled (including dials in progress). An
+    /// accepted connection beyond it is closed at once; dials are never refused, as they are
+    /// bounded by `connect`. Each connection costs a descriptor and up to `mtu` bytes of
+    /// partial frame, so this is what keeps an unauthenticated listener from exhausting either.
+    pub max_connections: usize,
+    /// A connection that stops sending in the middle of a frame for this long is dropped: it
+    /// holds a buffer for a frame that may never complete. Idle connections between frames are
+    /// not affected.
+    pub frame_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -52,6 +68,8 @@ impl Default for Config {
             backoff_min_ms: 100,
             backoff_max_ms: 30_000,
             nodelay: true,
+            max_connections: 256,
+            frame_timeout_ms: 30_000,
         }
     }
 }
@@ -68,6 +86,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), PluginError> {
         if self.mtu == 0 {
             return Err(PluginError::bad_config("mtu must be at least 1 byte"));
+        }
+        if self.mtu > MAX_MTU {
+            return Err(PluginError::bad_config(format!("mtu ({}) exceeds the maximum of {MAX_MTU} bytes", self.mtu)));
         }
         if self.listen.is_none() && self.connect.is_empty() {
             return Err(PluginError::bad_config(
@@ -87,6 +108,13 @@ impl Config {
                 self.backoff_min_ms, self.backoff_max_ms
             )));
         }
+        if self.max_connections == 0 {
+            return Err(PluginError::bad_config("max_connections must be at least 1"));
+        }
+        if self.frame_timeout_ms == 0 {
+            // Zero would drop every connection whose frame spans two reads.
+            return Err(PluginError::bad_config("frame_timeout_ms must be at least 1"));
+        }
         let mut seen = HashSet::new();
         for addr in &self.connect {
             // Connections are keyed by peer address, so one peer cannot have two dialers.
@@ -100,6 +128,11 @@ impl Config {
     /// `backoff_min_ms` as a duration.
     pub fn backoff_min(&self) -> Duration {
         Duration::from_millis(self.backoff_min_ms)
+    }
+
+    /// `frame_timeout_ms` as a duration.
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.frame_timeout_ms)
     }
 
     /// `backoff_max_ms` as a duration.

@@ -16,7 +16,7 @@ mod tests;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, ThreadId};
 
 use antmesh_plugin_api::{
     guard, Capabilities, Duplex, Framing, Host, LatencyClass, LinkAddr, LogLevel, PluginError, PluginErrorKind,
@@ -45,6 +45,8 @@ pub struct TcpTransport {
     shared: Arc<Shared>,
     caps: Capabilities,
     local: Vec<String>,
+    /// The I/O thread's id, so `close` can tell it is being called from a host callback.
+    io_thread: ThreadId,
     /// `None` once closed. The mutex also makes a concurrent second `close` wait until the
     /// first has joined the thread, so neither returns while callbacks can still run.
     io: Mutex<Option<IoThread>>,
@@ -75,10 +77,15 @@ pub fn open(config: &str, host: Host) -> Result<TcpTransport, PluginError> {
     let handle = thread::Builder::new()
         .name("antmesh-tcp".to_owned())
         .spawn(move || {
+            // `run` survives panics in the loop itself; this catches one in its teardown.
             if let Err(msg) = guard(move || reactor.run()) {
-                host.log(LogLevel::Error, &format!("tcp I/O thread panicked: {msg}"));
+                // After `close` nothing may reach the host, not even this.
+                if !thread_shared.stopped() {
+                    host.log(LogLevel::Error, &format!("tcp I/O thread panicked while stopping: {msg}"));
+                }
             }
             // However the loop ended, nothing drains the queues any more: make `send` say so.
+            thread_shared.mark_exited();
             thread_shared.forget_peers();
         })
         .map_err(|e| PluginError::io("starting the I/O thread", &e))?;
@@ -86,6 +93,7 @@ pub fn open(config: &str, host: Host) -> Result<TcpTransport, PluginError> {
         shared,
         caps: capabilities(config.mtu),
         local,
+        io_thread: handle.thread().id(),
         io: Mutex::new(Some(IoThread { handle, waker })),
     })
 }
@@ -117,7 +125,7 @@ impl Transport for TcpTransport {
     }
 
     fn send(&self, to: &LinkAddr, frame: &[u8]) -> Result<(), SendError> {
-        if self.shared.stopped() {
+        if self.shared.refuses_sends() {
             return Err(SendError::Closed);
         }
         let peer = match to {
@@ -134,6 +142,8 @@ impl Transport for TcpTransport {
         let unknown = || SendError::UnknownPeer(to.to_string().into());
         let queue = self.shared.peers().get(&peer).cloned().ok_or_else(unknown)?;
         queue.push(frame.to_vec()).map_err(|e| match e {
+            // The instance closed, or its loop died, between the check above and the push.
+            SendError::Closed if self.shared.refuses_sends() => SendError::Closed,
             // The connection closed between the lookup and the push.
             SendError::Closed => unknown(),
             other => other,
@@ -141,24 +151,39 @@ impl Transport for TcpTransport {
     }
 
     fn close(&self) -> Result<(), PluginError> {
-        let mut io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
         self.shared.request_stop();
+        if thread::current().id() == self.io_thread {
+            // Closed from inside a host callback on the I/O thread. It cannot join itself, and
+            // must not wait for the `io` lock either: a `close` on another thread may hold it
+            // while joining this very thread. The stop flag, set on this thread, suppresses
+            // every callback from here on (the loop checks it after every callback, the
+            // outboxes' host is gated on it), and the loop exits, dropping its sockets, as
+            // soon as this callback returns. The thread stays in `io`, so a later `close` (or
+            // the drop) from another thread still joins it.
+            self.shared.forget_peers();
+            return Ok(());
+        }
+        let mut io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(IoThread { handle, waker }) = io.take() else { return Ok(()) };
         // mio's eventfd waker only fails if the descriptor is broken; the join below is
         // still correct then, as the loop also checks the stop flag after every event.
         let _ = waker.wake();
-        if handle.thread().id() == thread::current().id() {
-            // Closed from inside a host callback on the I/O thread: it cannot join itself.
-            // The stop flag suppresses every further callback and the loop exits (dropping
-            // its sockets) as soon as this callback returns.
-            self.shared.forget_peers();
-            return Ok(());
-        }
         let joined = handle.join();
         // Dropped only now: closing the eventfd before the loop saw the wakeup could lose it.
         drop(waker);
         self.shared.forget_peers();
         joined.map_err(|_| PluginError::new(PluginErrorKind::Panicked, "tcp I/O thread panicked outside its guard"))
+    }
+}
+
+#[cfg(test)]
+impl TcpTransport {
+    /// Makes the running loop fail as `fault` describes, at once.
+    fn inject_fault(&self, fault: reactor::Fault) {
+        self.shared.inject(fault);
+        if let Some(io) = self.io.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = io.waker.wake();
+        }
     }
 }
 

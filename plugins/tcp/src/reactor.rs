@@ -8,6 +8,12 @@
 //! Backpressure: the loop moves frames from an outbox into that connection's write buffer
 //! only while the buffer holds less than [`WRITE_BUF_LIMIT`] bytes, so a slow peer leaves its
 //! outbox full and `send` returns `WouldBlock` until the socket drains.
+//!
+//! Host callbacks: every one is made on this thread and skipped once the stop flag is set.
+//! `close` from another thread sets the flag and joins this thread, so no callback outlives
+//! it; `close` from inside a callback sets the flag on this very thread, so every check after
+//! the callback returns sees it. If the loop dies (a fatal poll error or a panic), [`Reactor::run`]
+//! still reports every link down and fails every queue, so the instance never half-works.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -18,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RSlice;
-use antmesh_plugin_api::{Host, InFrame, LinkAddr, LogLevel};
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RArc, RSlice, RStr};
+use antmesh_plugin_api::{guard, Host, HostHandle, HostHandle_TO, InFrame, LinkAddr, LogLevel};
 use antmesh_plugin_kit::framing::Decoded;
 use antmesh_plugin_kit::{Backoff, Codec, FramingKind, Outbox};
 use mio::net::{TcpListener, TcpStream};
@@ -43,6 +50,8 @@ const READS_PER_TURN: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry delay after `accept` fails for lack of resources (e.g. no free descriptors).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Bytes of `FramingKind::Length`'s prefix, for telling whether a connection is mid-frame.
+const LEN_PREFIX: usize = 4;
 
 /// A connection's outbound queue of raw frame payloads (encoded by the loop).
 pub(crate) type FrameQueue = Outbox<Vec<u8>>;
@@ -53,12 +62,39 @@ pub(crate) struct Shared {
     peers: RwLock<HashMap<SocketAddr, Arc<FrameQueue>>>,
     /// Set by `close`: the loop exits and no host callback runs any more.
     stop: AtomicBool,
+    /// Set when the loop has ended for any reason: nothing drains the queues any more.
+    exited: AtomicBool,
+    /// A failure for the loop to simulate at its next turn.
+    #[cfg(test)]
+    fault: Mutex<Option<Fault>>,
+}
+
+/// Failures tests inject into a running loop (see `TcpTransport::inject_fault`).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// The loop panics.
+    Panic,
+    /// `poll` fails with an error the loop cannot recover from.
+    PollError,
 }
 
 impl Shared {
     /// Fresh state: no peers, not stopped.
     pub(crate) fn new() -> Self {
-        Shared { peers: RwLock::new(HashMap::new()), stop: AtomicBool::new(false) }
+        Shared {
+            peers: RwLock::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            #[cfg(test)]
+            fault: Mutex::new(None),
+        }
+    }
+
+    /// Arms `fault` for the loop's next turn (the caller wakes it).
+    #[cfg(test)]
+    pub(crate) fn inject(&self, fault: Fault) {
+        *lock(&self.fault) = Some(fault);
     }
 
     /// The established connections' queues. A poisoned lock only means a thread panicked
@@ -81,6 +117,16 @@ impl Shared {
         self.stop.store(true, Ordering::Release);
     }
 
+    /// Whether `send` must answer `Closed`: the instance is closing, or its loop is gone.
+    pub(crate) fn refuses_sends(&self) -> bool {
+        self.stopped() || self.exited.load(Ordering::Acquire)
+    }
+
+    /// Records that the loop has ended and will drain no queue again.
+    pub(crate) fn mark_exited(&self) {
+        self.exited.store(true, Ordering::Release);
+    }
+
     /// Refuses further frames for every peer and releases what was queued: nothing will
     /// write them any more.
     pub(crate) fn forget_peers(&self) {
@@ -93,6 +139,54 @@ impl Shared {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The host as the outboxes see it. `Outbox` calls `writable` itself (from `drain_into` and
+/// `clear`), out of the reactor's sight; this applies the reactor's rule to those calls too:
+/// nothing reaches the host once `close` has begun. Weak, because the outboxes live in
+/// `Shared` and a strong reference would keep it alive in a cycle.
+#[derive(Clone)]
+struct GatedHost {
+    host: Host,
+    shared: Weak<Shared>,
+}
+
+impl GatedHost {
+    fn open(&self) -> bool {
+        self.shared.upgrade().is_some_and(|s| !s.stopped())
+    }
+}
+
+impl HostHandle for GatedHost {
+    fn deliver(&self, frames: RSlice<'_, InFrame<'_>>) {
+        if self.open() {
+            self.host.deliver(frames.as_slice());
+        }
+    }
+
+    fn link_up(&self, peer: &LinkAddr) {
+        if self.open() {
+            self.host.link_up(peer);
+        }
+    }
+
+    fn link_down(&self, peer: &LinkAddr, reason: RStr<'_>) {
+        if self.open() {
+            self.host.link_down(peer, reason.as_str());
+        }
+    }
+
+    fn writable(&self) {
+        if self.open() {
+            self.host.writable();
+        }
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        if self.open() {
+            self.host.log(level, message.as_str());
+        }
+    }
 }
 
 /// Where one configured peer's dialer stands.
@@ -132,9 +226,35 @@ struct Conn {
     wpos: usize,
     /// The dialer that owns this connection, if it was dialled rather than accepted.
     dialer: Option<usize>,
+    /// Received bytes that are not yet part of a complete frame (a partial prefix or payload).
+    rx_partial: usize,
+    /// When bytes last arrived; with `rx_partial > 0` this starts the frame timeout.
+    last_rx: Instant,
 }
 
 impl Conn {
+    /// Accounts for `n` bytes read that completed the frames in `decoded`.
+    fn note_received(&mut self, n: usize, decoded: &[Decoded], now: Instant) {
+        let framed: usize = decoded
+            .iter()
+            .map(|d| match d {
+                Decoded::Frame(data) => LEN_PREFIX + data.len(),
+                Decoded::Dropped(_) => 0,
+            })
+            .sum();
+        self.rx_partial = self.rx_partial.saturating_add(n).saturating_sub(framed);
+        self.last_rx = now;
+    }
+
+    /// When this connection times out for stalling mid-frame, if it is mid-frame. `None`
+    /// also for a timeout too large to represent, which is as good as never.
+    fn stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.rx_partial == 0 {
+            return None;
+        }
+        self.last_rx.checked_add(timeout)
+    }
+
     fn pending_bytes(&self) -> usize {
         self.wbuf.len() - self.wpos
     }
@@ -188,6 +308,8 @@ pub(crate) struct Reactor {
     listener: Option<TcpListener>,
     shared: Arc<Shared>,
     host: Host,
+    /// `host` behind the stop gate, for the outboxes (see [`GatedHost`]).
+    outbox_host: Host,
     waker: Weak<Waker>,
     /// Tokens whose outbox went from empty to non-empty since the last turn.
     ready: Arc<Mutex<Vec<Token>>>,
@@ -202,6 +324,8 @@ pub(crate) struct Reactor {
     mtu: usize,
     queue_frames: usize,
     nodelay: bool,
+    max_connections: usize,
+    frame_timeout: Duration,
 }
 
 impl Reactor {
@@ -231,11 +355,14 @@ impl Reactor {
                 failures: 0,
             })
             .collect();
+        let gated = GatedHost { host: host.clone(), shared: Arc::downgrade(&shared) };
+        let outbox_host = Host::new(HostHandle_TO::from_ptr(RArc::new(gated), TD_Opaque));
         let reactor = Reactor {
             poll,
             listener,
             shared,
             host,
+            outbox_host,
             waker: Arc::downgrade(&waker),
             ready: Arc::new(Mutex::new(Vec::new())),
             conns: HashMap::new(),
@@ -248,22 +375,46 @@ impl Reactor {
             mtu: config.mtu as usize,
             queue_frames: config.queue_frames,
             nodelay: config.nodelay,
+            max_connections: config.max_connections,
+            frame_timeout: config.frame_timeout(),
         };
         Ok((reactor, waker))
     }
 
-    /// Runs until `close` sets the stop flag (or polling itself fails).
+    /// Runs until `close` sets the stop flag or the loop dies (polling fails, or a bug
+    /// panics), then releases everything. A loop that died without `close` reports every
+    /// link down and fails every queue on its way out (see [`Reactor::finish`]).
     pub(crate) fn run(mut self) {
+        let why = match guard(|| self.turns()) {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("event loop failed: {e}")),
+            Err(panic) => Some(format!("I/O thread panicked: {panic}")),
+        };
+        let reason = match why {
+            Some(why) => {
+                self.log(LogLevel::Error, &format!("tcp {why}; the instance stops working"));
+                format!("transport stopped ({why})")
+            }
+            // Closed: `finish` makes no callbacks, so the reason is never seen.
+            None => String::new(),
+        };
+        self.finish(&reason);
+    }
+
+    /// The event loop proper. `Ok` once stopped by `close`; `Err` if polling failed for good.
+    fn turns(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !self.shared.stopped() {
             self.service_timers(Instant::now());
             let timeout = self.next_timeout(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            #[cfg(test)]
+            let polled = self.strike(polled);
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                self.log(LogLevel::Error, &format!("event loop failed, instance stops: {e}"));
-                break;
+                return Err(e);
             }
             for event in events.iter() {
                 if self.shared.stopped() {
@@ -297,16 +448,40 @@ impl Reactor {
                 self.read(t);
             }
         }
-        self.shutdown();
+        Ok(())
     }
 
-    /// Releases everything without calling the host: the instance is going away.
-    fn shutdown(&mut self) {
-        for (_, conn) in self.conns.drain() {
-            conn.queue.close();
+    /// Replaces the poll outcome with an injected failure, if a test armed one.
+    #[cfg(test)]
+    fn strike(&self, polled: io::Result<()>) -> io::Result<()> {
+        match lock(&self.shared.fault).take() {
+            Some(Fault::Panic) => panic!("injected panic"),
+            Some(Fault::PollError) => Err(io::Error::other("injected poll failure")),
+            None => polled,
         }
-        self.dialing.clear();
+    }
+
+    /// Tears everything down once the loop has ended. After `close` every callback below is
+    /// suppressed by the stop flag; after a loop death they tell the host and the senders
+    /// that this instance is gone, instead of leaving links up that nothing serves and
+    /// senders waiting for a `writable` that would never come.
+    fn finish(&mut self, reason: &str) {
+        // First, so that from here on `send` answers `Closed`, including a sender woken by
+        // the `clear` below.
+        self.shared.mark_exited();
         self.shared.forget_peers();
+        self.dialing.clear();
+        self.read_backlog.clear();
+        // Refuse new connections rather than leave them in the backlog unanswered.
+        self.listener = None;
+        let conns: Vec<Conn> = self.conns.drain().map(|(_, c)| c).collect();
+        for conn in conns {
+            conn.queue.close();
+            // Wakes senders refused with WouldBlock: on retry they get `Closed`.
+            conn.queue.clear();
+            drop(conn.stream);
+            self.link_down(&conn.link, reason);
+        }
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
@@ -318,15 +493,34 @@ impl Reactor {
             DialState::Connecting | DialState::Connected => None,
         });
         let deadlines = self.dialing.values().map(|p| p.deadline);
+        let stalls = self.conns.values().filter_map(|c| c.stall_deadline(self.frame_timeout));
         dial_timers
             .chain(deadlines)
+            .chain(stalls)
             .chain(self.accept_retry_at)
             .min()
             .map(|at| at.saturating_duration_since(now))
     }
 
     fn service_timers(&mut self, now: Instant) {
+        let stalled: Vec<Token> = self
+            .conns
+            .iter()
+            // One with reads pending is not stalled; its data is just not read yet.
+            .filter(|(t, c)| {
+                c.stall_deadline(self.frame_timeout).is_some_and(|at| at <= now) && !self.read_backlog.contains(t)
+            })
+            .map(|(&t, _)| t)
+            .collect();
+        for t in stalled {
+            let why = format!("no data for {} ms in the middle of a frame", self.frame_timeout.as_millis());
+            self.drop_conn(t, &why);
+        }
         for d in 0..self.dialers.len() {
+            if self.shared.stopped() {
+                // Closed from a callback above: open no new sockets.
+                return;
+            }
             if matches!(self.dialers[d].state, DialState::Waiting(at) if at <= now) {
                 self.dial(d);
             }
@@ -387,11 +581,29 @@ impl Reactor {
 
     // ---- accepting and dialling ----------------------------------------------------------
 
+    /// Connections that hold (or are about to hold) a descriptor: established, accepted or
+    /// dialled, and dials in progress.
+    fn connection_count(&self) -> usize {
+        self.conns.len() + self.dialing.len()
+    }
+
     fn accept_all(&mut self) {
         loop {
+            if self.shared.stopped() {
+                return;
+            }
             let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    if self.connection_count() >= self.max_connections {
+                        // Accept-and-close rather than leaving it in the backlog: the peer
+                        // learns at once, and the backlog stays free for when a slot opens.
+                        drop(stream);
+                        let limit = self.max_connections;
+                        let why = format!("refused connection from {peer}: max_connections ({limit}) reached");
+                        self.log(LogLevel::Debug, &why);
+                        continue;
+                    }
                     let t = self.token();
                     self.adopt(stream, t, peer, None);
                 }
@@ -476,7 +688,7 @@ impl Reactor {
         if let Err(e) = stream.set_nodelay(self.nodelay) {
             self.log(LogLevel::Debug, &format!("{peer}: cannot set TCP_NODELAY: {e}"));
         }
-        let queue = Arc::new(Outbox::new(self.queue_frames, self.host.clone()).with_waker(self.wake_fn(t)));
+        let queue = Arc::new(Outbox::new(self.queue_frames, self.outbox_host.clone()).with_waker(self.wake_fn(t)));
         let published = match self.shared.peers_mut().entry(peer) {
             Entry::Vacant(slot) => {
                 slot.insert(Arc::clone(&queue));
@@ -511,6 +723,8 @@ impl Reactor {
                 wbuf: Vec::new(),
                 wpos: 0,
                 dialer,
+                rx_partial: 0,
+                last_rx: Instant::now(),
             },
         );
         self.link_up(&link);
@@ -548,6 +762,7 @@ impl Reactor {
                 Ok(n) => {
                     decoded.clear();
                     let result = conn.codec.decode(&self.read_buf[..n], &mut decoded);
+                    conn.note_received(n, &decoded, Instant::now());
                     let link = conn.link.clone();
                     // Frames decoded before a framing error are good; deliver them first.
                     self.deliver(&link, &decoded);
@@ -574,6 +789,10 @@ impl Reactor {
     }
 
     fn flush(&mut self, t: Token) {
+        if self.shared.stopped() {
+            // Closed from a callback this turn: nothing may be written or signalled any more.
+            return;
+        }
         let Some(conn) = self.conns.get_mut(&t) else { return };
         if let Err(e) = conn.flush(self.mtu) {
             self.drop_conn(t, &format!("write failed: {e}"));
@@ -592,7 +811,9 @@ impl Reactor {
             }
         }
         conn.queue.close();
-        // Wakes senders refused with WouldBlock: on retry they learn the peer is gone.
+        // Wakes senders refused with WouldBlock: on retry they learn the peer is gone. Its
+        // `writable` goes through the gated host, so it is silent if a callback earlier in
+        // this turn closed the instance.
         conn.queue.clear();
         drop(conn.stream);
         self.link_down(&conn.link, reason);

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
-use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
@@ -16,6 +16,7 @@ use antmesh_plugin_api::{
     Reliability, SendError, Transport, TransportAddr,
 };
 
+use super::reactor::Fault;
 use super::{open, TcpTransport};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -33,6 +34,8 @@ enum Ev {
     Down(SocketAddr, String),
     Writable,
     Log(LogLevel, String),
+    /// Not a callback: a `close` made from inside one returned (with `Ok` or not).
+    ClosedInCallback(bool),
 }
 
 #[derive(Clone)]
@@ -144,6 +147,45 @@ impl Rx {
         self.kept.clear();
         while self.rx.try_recv().is_ok() {}
     }
+}
+
+/// A test host that also runs `hook` on the I/O thread after recording each `deliver`.
+#[derive(Clone)]
+struct HookHost {
+    inner: TestHost,
+    hook: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl HostHandle for HookHost {
+    fn deliver(&self, frames: RSlice<'_, InFrame<'_>>) {
+        self.inner.deliver(frames);
+        (self.hook)();
+    }
+
+    fn link_up(&self, peer: &LinkAddr) {
+        self.inner.link_up(peer);
+    }
+
+    fn link_down(&self, peer: &LinkAddr, reason: RStr<'_>) {
+        self.inner.link_down(peer, reason);
+    }
+
+    fn writable(&self) {
+        self.inner.writable();
+    }
+
+    fn log(&self, level: LogLevel, message: RStr<'_>) {
+        self.inner.log(level, message);
+    }
+}
+
+/// A host whose `deliver` calls `hook(tx)`, `tx` feeding the same event stream.
+fn hook_host(hook: impl Fn(&mpsc::Sender<Ev>) + Send + Sync + 'static) -> (Host, Rx) {
+    let (tx, rx) = mpsc::channel();
+    let hook_tx = tx.clone();
+    let host = HookHost { inner: TestHost { tx }, hook: Arc::new(move || hook(&hook_tx)) };
+    let handle = HostHandle_TO::from_ptr(RArc::new(host), TD_Opaque);
+    (Host::new(handle), Rx { rx, kept: VecDeque::new() })
 }
 
 fn test_handle() -> (HostHandleBox, Rx) {
@@ -265,9 +307,10 @@ fn a_stalled_reader_pushes_back_on_send() {
     // Nobody reads: queue, write buffer and socket buffers fill, then `send` must refuse
     // rather than buffer without bound (1000 frames would be 60 MB).
     let frame = vec![0x5a; 60_000];
-    let accepted = (0..1000).take_while(|_| c.send(&link(g_addr), &frame).is_ok()).count();
-    assert!(accepted < 1000, "send never pushed back");
-    assert_eq!(c.send(&link(g_addr), &frame), Err(SendError::WouldBlock));
+    // (Asserting on a second send after the first refusal would race with the loop, which
+    // may still move a frame into the socket in between.)
+    let refused = (0..1000).map(|_| c.send(&link(g_addr), &frame)).find(Result::is_err);
+    assert_eq!(refused, Some(Err(SendError::WouldBlock)), "send never pushed back");
     // Reading makes room, and the host is told so.
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
@@ -506,6 +549,10 @@ fn bad_configs_are_rejected() {
         ("(listen: Some(\"127.0.0.1:0\"), queue_frames: 0)", "queue 0"),
         ("(connect: [\"127.0.0.1:1\"], backoff_min_ms: 10, backoff_max_ms: 5)", "backoff"),
         ("(connect: [\"127.0.0.1:1\", \"127.0.0.1:1\"])", "duplicate"),
+        ("(listen: Some(\"127.0.0.1:0\"), mtu: 16777217)", "mtu above 16 MiB"),
+        ("(listen: Some(\"127.0.0.1:0\"), mtu: 4294967295)", "mtu 4 GiB"),
+        ("(listen: Some(\"127.0.0.1:0\"), max_connections: 0)", "max_connections 0"),
+        ("(listen: Some(\"127.0.0.1:0\"), frame_timeout_ms: 0)", "frame_timeout_ms 0"),
     ];
     for (text, what) in cases {
         let (host, _rx) = test_host();
@@ -521,6 +568,12 @@ fn bad_configs_are_rejected() {
     let (host, _rx) = test_host();
     let err = open("(\n  mtu: \"big\",\n)", host).err().unwrap();
     assert!(err.message.starts_with("2:"), "{}", err.message);
+
+    // The largest mtu is accepted.
+    let (host, _rx) = test_host();
+    let t = open("(listen: Some(\"127.0.0.1:0\"), mtu: 16777216)", host).unwrap();
+    assert_eq!(t.capabilities().mtu, 16 * 1024 * 1024);
+    t.close().unwrap();
 
     // Everything optional except something to do.
     let (host, _rx) = test_host();
@@ -599,4 +652,208 @@ fn dropping_without_close_still_stops_the_thread() {
     assert_eq!(io_thread_count(), 0);
     assert_dropped(peer);
     assert_eq!(fd_count(), before);
+}
+
+/// Connects a raw client to `to` and waits for the instance to report it up.
+fn raw_peer(to: SocketAddr, rx: &mut Rx) -> (StdTcpStream, SocketAddr) {
+    let g = StdTcpStream::connect(to).unwrap();
+    let addr = g.local_addr().unwrap();
+    assert_eq!(rx.up(), addr);
+    (g, addr)
+}
+
+/// Fills `peer`'s queue (nobody reads on the other end) until `send` is refused and stays
+/// refused: after the first refusal the kernel still absorbs a few MB, and each drain that
+/// follows answers the refusal with `writable`. Other events meanwhile stay in `rx`.
+fn fill_until_stuck(t: &TcpTransport, rx: &mut Rx, peer: SocketAddr) {
+    let frame = vec![0x5a; 60_000];
+    for _ in 0..1000 {
+        let refused = (0..1000).map(|_| t.send(&link(peer), &frame)).find(Result::is_err);
+        assert_eq!(refused, Some(Err(SendError::WouldBlock)), "send never pushed back");
+        // Stuck once nothing drained for a while: no `writable`, and still no room.
+        let drained = rx.wait(Duration::from_millis(200), |e| (*e == Ev::Writable).then_some(()));
+        if drained.is_none() && t.send(&link(peer), &frame) == Err(SendError::WouldBlock) {
+            return;
+        }
+    }
+    panic!("the queue kept draining; the peer is not stuck");
+}
+
+#[test]
+fn connections_beyond_max_connections_are_refused() {
+    let _s = serial();
+    let (c, mut rc) = start(r#"(listen: Some("127.0.0.1:0"), max_connections: 2)"#);
+    let caddr = listen_addr(&c);
+    let (g1, g1_addr) = raw_peer(caddr, &mut rc);
+    let (_g2, _) = raw_peer(caddr, &mut rc);
+
+    // The third is accepted and closed at once, without a link_up.
+    let g3 = StdTcpStream::connect(caddr).unwrap();
+    assert_dropped(g3);
+    let logged = rc.wait(WAIT, |e| match e {
+        Ev::Log(LogLevel::Debug, m) if m.contains("max_connections") => Some(()),
+        _ => None,
+    });
+    assert!(logged.is_some(), "no debug log for the refused connection");
+    assert!(!rc.kept.iter().any(|e| matches!(e, Ev::Up(_))), "refused connection reported up: {:?}", rc.kept);
+
+    // A free slot is usable again.
+    drop(g1);
+    rc.down(g1_addr);
+    let (_g4, _) = raw_peer(caddr, &mut rc);
+    c.close().unwrap();
+
+    // Dialled connections count too.
+    let (b, mut rb, baddr) = listener();
+    let (a, mut ra) = start(&format!(r#"(listen: Some("127.0.0.1:0"), connect: ["{baddr}"], max_connections: 1)"#));
+    assert_eq!(ra.up(), baddr);
+    rb.up();
+    let g5 = StdTcpStream::connect(listen_addr(&a)).unwrap();
+    assert_dropped(g5);
+    a.send(&link(baddr), b"dial still works").unwrap();
+    assert_eq!(rb.frames(1, WAIT).len(), 1);
+    a.close().unwrap();
+    b.close().unwrap();
+}
+
+#[test]
+fn a_peer_stalling_mid_frame_is_dropped() {
+    let _s = serial();
+    let (c, mut rc) = start(r#"(listen: Some("127.0.0.1:0"), frame_timeout_ms: 200)"#);
+    let caddr = listen_addr(&c);
+    // Complete frames, then silence: idle is fine.
+    let (mut idle, idle_addr) = raw_peer(caddr, &mut rc);
+    idle.write_all(&[0, 0, 0, 2, 1, 2]).unwrap();
+    assert_eq!(rc.frames(1, WAIT), vec![(idle_addr, vec![1, 2])]);
+    // Half a payload, and half a length prefix.
+    let (mut body, body_addr) = raw_peer(caddr, &mut rc);
+    let (mut head, head_addr) = raw_peer(caddr, &mut rc);
+    let stalled_at = Instant::now();
+    body.write_all(&[0, 0, 0, 10, 1, 2, 3]).unwrap();
+    head.write_all(&[0, 0]).unwrap();
+
+    let why = rc.down(body_addr);
+    assert!(why.contains("middle of a frame"), "{why}");
+    assert!(rc.down(head_addr).contains("middle of a frame"));
+    assert!(stalled_at.elapsed() >= Duration::from_millis(150), "dropped too early");
+    assert_dropped(body);
+    assert_dropped(head);
+
+    // The idle peer outlived several timeouts and still works.
+    let seen = rc.quiet(Duration::from_millis(500));
+    assert!(!seen.iter().any(|e| matches!(e, Ev::Down(..))), "{seen:?}");
+    idle.write_all(&[0, 0, 0, 1, 9]).unwrap();
+    assert_eq!(rc.frames(1, WAIT), vec![(idle_addr, vec![9])]);
+    c.close().unwrap();
+}
+
+#[test]
+fn a_dead_io_thread_reports_links_down_and_fails_sends() {
+    for fault in [Fault::Panic, Fault::PollError] {
+        let _s = serial();
+        let (c, mut rc) = start(r#"(listen: Some("127.0.0.1:0"), queue_frames: 4)"#);
+        let caddr = listen_addr(&c);
+        // One peer whose sender is blocked after WouldBlock, one idle.
+        let (stuck, stuck_addr) = raw_peer(caddr, &mut rc);
+        let (idle, idle_addr) = raw_peer(caddr, &mut rc);
+        fill_until_stuck(&c, &mut rc, stuck_addr);
+
+        c.inject_fault(fault);
+        rc.down(stuck_addr);
+        rc.down(idle_addr);
+        // The blocked sender is woken, and learns on retry that the instance is gone.
+        rc.writable();
+        assert_eq!(c.send(&link(stuck_addr), b"x"), Err(SendError::Closed), "{fault:?}");
+        assert_eq!(c.send(&link(idle_addr), b"x"), Err(SendError::Closed), "{fault:?}");
+        let logged = rc.wait(WAIT, |e| match e {
+            Ev::Log(LogLevel::Error, m) => Some(m.clone()),
+            _ => None,
+        });
+        assert!(logged.is_some_and(|m| m.contains("injected")), "{fault:?}");
+        // The sockets are closed too, and close still succeeds.
+        assert_dropped(stuck);
+        assert_dropped(idle);
+        c.close().unwrap();
+        assert_eq!(io_thread_count(), 0);
+        assert_eq!(rc.quiet(Duration::from_millis(100)), Vec::new(), "{fault:?}: callbacks after close");
+    }
+}
+
+#[test]
+fn close_from_a_callback_silences_the_instance_at_once() {
+    let _s = serial();
+    let slot: Arc<Mutex<Option<Arc<TcpTransport>>>> = Arc::default();
+    let hook_slot = Arc::clone(&slot);
+    let (host, mut rc) = hook_host(move |tx| {
+        let t = hook_slot.lock().unwrap().take();
+        if let Some(t) = t {
+            let _ = tx.send(Ev::ClosedInCallback(t.close().is_ok()));
+        }
+    });
+    let c = Arc::new(open(r#"(listen: Some("127.0.0.1:0"), queue_frames: 2)"#, host).unwrap());
+    let (mut g, g_addr) = raw_peer(listen_addr(&c), &mut rc);
+    // A refused sender, so that dropping the connection would signal `writable`.
+    fill_until_stuck(&c, &mut rc, g_addr);
+    *slot.lock().unwrap() = Some(Arc::clone(&c));
+    // One good frame (its delivery closes the instance), then a framing error in the same
+    // read, which drops the connection right after the callback returned.
+    g.write_all(&[0, 0, 0, 1, 0x42, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    assert_eq!(rc.frames(1, WAIT), vec![(g_addr, vec![0x42])]);
+    let closed = rc.wait(WAIT, |e| match e {
+        Ev::ClosedInCallback(ok) => Some(*ok),
+        _ => None,
+    });
+    assert_eq!(closed, Some(true));
+    assert_eq!(rc.quiet(Duration::from_millis(300)), Vec::new(), "callbacks after close returned");
+    assert_eq!(c.send(&link(g_addr), b"x"), Err(SendError::Closed));
+    // The thread was not joined from inside itself; closing from here joins it.
+    c.close().unwrap();
+    assert_eq!(io_thread_count(), 0);
+    assert_dropped(g);
+}
+
+#[test]
+fn close_from_a_callback_while_another_thread_closes() {
+    let _s = serial();
+    let slot: Arc<Mutex<Option<Arc<TcpTransport>>>> = Arc::default();
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let go_rx = Mutex::new(go_rx);
+    let hook_slot = Arc::clone(&slot);
+    let (host, mut rc) = hook_host(move |tx| {
+        let t = hook_slot.lock().unwrap().take();
+        if let Some(t) = t {
+            // Let the test start a close on its own thread, then close from here too.
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = go_rx.lock().unwrap().recv_timeout(WAIT);
+            let _ = tx.send(Ev::ClosedInCallback(t.close().is_ok()));
+        }
+    });
+    let c = Arc::new(open(r#"(listen: Some("127.0.0.1:0"))"#, host).unwrap());
+    let (mut g, g_addr) = raw_peer(listen_addr(&c), &mut rc);
+    *slot.lock().unwrap() = Some(Arc::clone(&c));
+    g.write_all(&[0, 0, 0, 1, 7]).unwrap();
+    entered_rx.recv_timeout(WAIT).unwrap();
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let closer = Arc::clone(&c);
+    std::thread::spawn(move || {
+        let _ = done_tx.send(closer.close().is_ok());
+    });
+    // Give that close time to start joining the I/O thread, then let the callback close.
+    std::thread::sleep(Duration::from_millis(100));
+    go_tx.send(()).unwrap();
+    assert_eq!(done_rx.recv_timeout(WAIT), Ok(true), "the two closes deadlocked");
+    assert_eq!(rc.frames(1, WAIT), vec![(g_addr, vec![7])]);
+    assert_eq!(
+        rc.wait(WAIT, |e| match e {
+            Ev::ClosedInCallback(ok) => Some(*ok),
+            _ => None,
+        }),
+        Some(true)
+    );
+    assert_eq!(rc.quiet(Duration::from_millis(200)), Vec::new(), "callbacks after close returned");
+    assert_eq!(io_thread_count(), 0);
+    c.close().unwrap();
 }
