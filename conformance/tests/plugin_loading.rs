@@ -59,6 +59,8 @@ fn antmesh_plugins_lists_load_errors() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["plugins"][0]["name"], "udp");
+    assert_eq!(v["plugins"][0]["capabilities"]["mtu"], 1472);
+    assert_eq!(v["plugins"][0]["capabilities"]["reliability"], "Lossy");
     assert_eq!(v["plugins"].as_array().unwrap().len(), 1);
     assert!(v["errors"][0]["error"].as_str().unwrap().contains("incompatible"), "{v}");
 }

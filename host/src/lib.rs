@@ -13,4 +13,5 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod plugin;
+pub mod tls;
 pub mod transport;

@@ -161,6 +161,7 @@ fn plugins(plugin_dir: Option<PathBuf>, as_json: bool) -> ExitCode {
                     "kinds": ["transport"],
                     "schemes": p.info.schemes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
                     "description": p.info.description.as_str(),
+                    "capabilities": p.info.capabilities,
                     "file": p.path.display().to_string(),
                     "manifest": p.manifest.is_some(),
                 })
@@ -180,6 +181,7 @@ fn plugins(plugin_dir: Option<PathBuf>, as_json: bool) -> ExitCode {
                 schemes.join(" "),
                 p.info.description.as_str()
             );
+            println!("  {:<10} default instance: {}", "", describe_caps(&p.info.capabilities));
         }
         if set.plugins.is_empty() {
             println!("  (no plugins loaded)");
@@ -189,6 +191,33 @@ fn plugins(plugin_dir: Option<PathBuf>, as_json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn describe_caps(c: &antmesh_plugin_api::Capabilities) -> String {
+    let yes = |b: bool, s: &'static str| if b { Some(s) } else { None };
+    let flags: Vec<&str> = [
+        yes(c.broadcast, "broadcast"),
+        yes(c.link_layer_acks, "link-acks"),
+        yes(c.metered, "metered"),
+        yes(c.power_constrained, "power-constrained"),
+        yes(c.peer_liveness, "peer-liveness"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let rate = if c.bitrate_bps == 0 { "rate unknown".to_owned() } else { format!("{} bit/s", c.bitrate_bps) };
+    format!(
+        "mtu {}, {}, {:?} latency, {:?}/{:?}/{:?} duplex, {}{}{}",
+        c.mtu,
+        rate,
+        c.latency,
+        c.reliability,
+        c.framing,
+        c.duplex,
+        if c.suits_quic() { "QUIC engine" } else { "constrained engine" },
+        if flags.is_empty() { "" } else { ", " },
+        flags.join(", ")
+    )
 }
 
 fn config_check(file: Option<PathBuf>, as_json: bool) -> ExitCode {

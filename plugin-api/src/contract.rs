@@ -39,6 +39,9 @@ pub struct PluginInfo {
     pub schemes: RVec<RString>,
     /// One line for operators.
     pub description: RString,
+    /// What an instance opened with the plugin's default configuration declares (an
+    /// instance's own capabilities depend on its configuration).
+    pub capabilities: Capabilities,
 }
 
 /// An outbound frame in a batch.

@@ -239,13 +239,20 @@ pub fn parse_config<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, Plu
 ///     name: "udp",
 ///     description: "UDP datagrams",
 ///     schemes: ["udp"],
+///     capabilities: default_capabilities(), // what the default config declares
 ///     open: my_open, // fn(&str, Host) -> Result<MyTransport, PluginError>
 /// }
 /// ```
 /// The plugin crate must depend on `abi_stable` directly (the export attribute names it).
 #[macro_export]
 macro_rules! export_transport {
-    (name: $name:expr, description: $desc:expr, schemes: [$($scheme:expr),* $(,)?], open: $open:path $(,)?) => {
+    (
+        name: $name:expr,
+        description: $desc:expr,
+        schemes: [$($scheme:expr),* $(,)?],
+        capabilities: $caps:expr,
+        open: $open:path $(,)?
+    ) => {
         extern "C" fn __antmesh_plugin_info() -> $crate::PluginInfo {
             $crate::PluginInfo {
                 name: $crate::abi_stable::std_types::RString::from($name),
@@ -255,6 +262,7 @@ macro_rules! export_transport {
                     $($crate::abi_stable::std_types::RString::from($scheme)),*
                 ]),
                 description: $crate::abi_stable::std_types::RString::from($desc),
+                capabilities: $caps,
             }
         }
 

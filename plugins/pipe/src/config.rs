@@ -41,6 +41,22 @@ pub struct Config {
     pub backoff_max_ms: u64,
 }
 
+/// The configuration every optional field defaults to, with an empty name and command;
+/// only used to describe what a default instance declares (`PluginInfo::capabilities`).
+pub(crate) fn defaults() -> Config {
+    Config {
+        name: String::new(),
+        command: String::new(),
+        args: Vec::new(),
+        framing: default_framing(),
+        mtu: default_mtu(),
+        queue_frames: default_queue_frames(),
+        respawn: default_respawn(),
+        backoff_min_ms: default_backoff_min_ms(),
+        backoff_max_ms: default_backoff_max_ms(),
+    }
+}
+
 fn default_framing() -> FramingKind {
     FramingKind::Length
 }

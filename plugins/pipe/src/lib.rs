@@ -31,6 +31,7 @@ antmesh_plugin_api::export_transport! {
     name: "pipe",
     description: "frames over a child process's stdin/stdout (respawned with backoff)",
     schemes: ["pipe"],
+    capabilities: capabilities(&config::defaults()),
     open: open_pipe,
 }
 

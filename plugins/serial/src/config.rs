@@ -47,6 +47,22 @@ pub struct Config {
     pub reopen_backoff_max_ms: u64,
 }
 
+/// The configuration every optional field defaults to, with an empty path; only used to
+/// describe what a default instance declares (`PluginInfo::capabilities`).
+pub(crate) fn defaults() -> Config {
+    Config {
+        path: String::new(),
+        baud: default_baud(),
+        framing: default_framing(),
+        mtu: default_mtu(),
+        queue_frames: default_queue_frames(),
+        keepalive_ms: default_keepalive_ms(),
+        dead_after_ms: default_dead_after_ms(),
+        reopen_backoff_min_ms: default_reopen_backoff_min_ms(),
+        reopen_backoff_max_ms: default_reopen_backoff_max_ms(),
+    }
+}
+
 fn default_baud() -> u32 {
     115_200
 }

@@ -32,6 +32,7 @@ antmesh_plugin_api::export_transport! {
     name: "serial",
     description: "frames over a serial device (HDLC with CRC and keepalives, or KISS)",
     schemes: ["serial"],
+    capabilities: capabilities(&config::defaults()),
     open: open_serial,
 }
 

@@ -31,6 +31,7 @@ antmesh_plugin_api::export_transport! {
     name: "tcp",
     description: "TCP connections (listen and/or dial) carrying length-prefixed frames",
     schemes: ["tcp"],
+    capabilities: capabilities(config::Config::default().mtu),
     open: open,
 }
 

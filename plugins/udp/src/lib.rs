@@ -38,6 +38,7 @@ antmesh_plugin_api::export_transport! {
     name: "udp",
     description: "UDP datagrams over IPv4/IPv6, optional broadcast",
     schemes: ["udp"],
+    capabilities: capabilities(&Config::default()),
     open: open,
 }
 
@@ -73,6 +74,35 @@ pub struct Config {
     /// SO_SNDBUF in bytes (kernel default when absent).
     #[serde(default)]
     pub send_buffer: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: default_bind(),
+            broadcast: None,
+            mtu: default_mtu(),
+            queue_frames: default_queue(),
+            recv_buffer: None,
+            send_buffer: None,
+        }
+    }
+}
+
+fn capabilities(cfg: &Config) -> Capabilities {
+    Capabilities {
+        mtu: cfg.mtu,
+        bitrate_bps: 0,
+        latency: LatencyClass::Wan,
+        broadcast: cfg.broadcast.is_some(),
+        duplex: Duplex::Full,
+        reliability: Reliability::Lossy,
+        framing: Framing::Datagram,
+        link_layer_acks: false,
+        metered: false,
+        power_constrained: false,
+        peer_liveness: false,
+    }
 }
 
 /// An open UDP instance.
@@ -131,19 +161,7 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
         let _ = wake.wake();
     }));
     let stop = Arc::new(AtomicBool::new(false));
-    let caps = Capabilities {
-        mtu: cfg.mtu,
-        bitrate_bps: 0,
-        latency: LatencyClass::Wan,
-        broadcast: cfg.broadcast.is_some(),
-        duplex: Duplex::Full,
-        reliability: Reliability::Lossy,
-        framing: Framing::Datagram,
-        link_layer_acks: false,
-        metered: false,
-        power_constrained: false,
-        peer_liveness: false,
-    };
+    let caps = capabilities(&cfg);
     let io = IoLoop { poll, socket, outbox: Arc::clone(&outbox), host: host.clone(), stop: Arc::clone(&stop), mtu: cfg.mtu as usize };
     let thread = std::thread::Builder::new()
         .name(format!("antmesh-udp-{}", local.port()))

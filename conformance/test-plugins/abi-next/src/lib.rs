@@ -10,6 +10,7 @@ antmesh_plugin_api::export_transport! {
     name: "abi-next",
     description: "loopback transport built against plugin ABI 1.0.0",
     schemes: ["pipe"],
+    capabilities: caps(),
     open: open,
 }
 
@@ -23,19 +24,7 @@ fn open(_config: &str, host: Host) -> Result<Loopback, PluginError> {
 
 impl Transport for Loopback {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            mtu: 1500,
-            bitrate_bps: 0,
-            latency: LatencyClass::Lan,
-            broadcast: false,
-            duplex: Duplex::Full,
-            reliability: Reliability::ReliableOrdered,
-            framing: Framing::Datagram,
-            link_layer_acks: false,
-            metered: false,
-            power_constrained: false,
-            peer_liveness: false,
-        }
+        caps()
     }
 
     fn local_addresses(&self) -> Vec<String> {
@@ -49,5 +38,21 @@ impl Transport for Loopback {
 
     fn close(&self) -> Result<(), PluginError> {
         Ok(())
+    }
+}
+
+fn caps() -> Capabilities {
+    Capabilities {
+        mtu: 1500,
+        bitrate_bps: 0,
+        latency: LatencyClass::Lan,
+        broadcast: false,
+        duplex: Duplex::Full,
+        reliability: Reliability::ReliableOrdered,
+        framing: Framing::Datagram,
+        link_layer_acks: false,
+        metered: false,
+        power_constrained: false,
+        peer_liveness: false,
     }
 }

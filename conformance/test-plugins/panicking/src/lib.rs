@@ -10,6 +10,7 @@ antmesh_plugin_api::export_transport! {
     name: "panicking",
     description: "test plugin: send panics",
     schemes: ["udp"],
+    capabilities: caps(),
     open: open,
 }
 
@@ -24,19 +25,7 @@ fn open(_config: &str, host: Host) -> Result<Panicking, PluginError> {
 
 impl Transport for Panicking {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            mtu: 1200,
-            bitrate_bps: 0,
-            latency: LatencyClass::Lan,
-            broadcast: false,
-            duplex: Duplex::Full,
-            reliability: Reliability::Lossy,
-            framing: Framing::Datagram,
-            link_layer_acks: false,
-            metered: false,
-            power_constrained: false,
-            peer_liveness: false,
-        }
+        caps()
     }
 
     fn local_addresses(&self) -> Vec<String> {
@@ -50,5 +39,21 @@ impl Transport for Panicking {
 
     fn close(&self) -> Result<(), PluginError> {
         Ok(())
+    }
+}
+
+fn caps() -> Capabilities {
+    Capabilities {
+        mtu: 1200,
+        bitrate_bps: 0,
+        latency: LatencyClass::Lan,
+        broadcast: false,
+        duplex: Duplex::Full,
+        reliability: Reliability::Lossy,
+        framing: Framing::Datagram,
+        link_layer_acks: false,
+        metered: false,
+        power_constrained: false,
+        peer_liveness: false,
     }
 }

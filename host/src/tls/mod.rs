@@ -1,0 +1,159 @@
+//! TLS 1.3 for antmesh sessions: a post-quantum-only rustls [`CryptoProvider`] and the
+//! client/server configurations built on it. The wire facts are in `docs/tls.md`.
+//!
+//! Read first: [`provider`] (what can be negotiated at all: ML-KEM-768, AES-128-GCM with
+//! SHA-256, ML-DSA-65), then [`client_config`] / [`server_config`] (mutual authentication
+//! with RFC 7250 raw public keys taken from the node's [`Identity`]), then
+//! [`peer_id_from_spki`] / [`peer_identity`] (who the peer is after the handshake).
+//!
+//! | what | value |
+//! |---|---|
+//! | versions | TLS 1.3 only (rustls is built without `tls12`) |
+//! | key exchange | `MLKEM768` (0x0201) only |
+//! | cipher suite | TLS13_AES_128_GCM_SHA256 (0x1301) only, RustCrypto |
+//! | signatures | `mldsa65` (0x0905) only, pure ML-DSA, empty context |
+//! | credentials | a bare 1974-byte SPKI, OID 2.16.840.1.101.3.4.3.18 |
+//! | ALPN, SNI, resumption, tickets, 0-RTT | none |
+//!
+//! No classical algorithm is compiled into a normal build: neither *ring* nor aws-lc-rs is
+//! a dependency, and every primitive here comes from RustCrypto crates, `ml-kem` and
+//! `fips204`. For QUIC, [`quic_initial_suite`] and the suite's `quic::Algorithm`
+//! ([`QUIC_AES_128_GCM`]) give the packet and header-protection keys.
+
+mod kx;
+mod sign;
+mod suite;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{AlwaysResolvesClientRawPublicKeys, Resumption};
+use rustls::crypto::{CryptoProvider, GetRandomFailed, KeyProvider, SecureRandom};
+use rustls::pki_types::PrivateKeyDer;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, SigningKey};
+use rustls::{ClientConfig, ServerConfig, SupportedCipherSuite};
+
+use crate::identity::{Identity, PeerId};
+
+pub use kx::{MlKem768Group, MLKEM768, MLKEM768_CIPHERTEXT_LEN, MLKEM768_ENCAPSULATION_KEY_LEN};
+pub use suite::{quic_initial_suite, QuicAes128Gcm, QUIC_AES_128_GCM, TLS13_AES_128_GCM_SHA256};
+pub use verify::{
+    peer_id_from_spki, peer_identity, peer_verify_error, public_identity_from_spki, spki_for, PeerIdentityError,
+    PeerVerifyError, SpkiError, ML_DSA_65_ALGORITHMS, ML_DSA_65_OID, SPKI_LEN,
+};
+
+use verify::{ClientKeyVerifier, ServerKeyVerifier};
+
+/// The post-quantum-only provider: key exchange ML-KEM-768, the one suite
+/// TLS13_AES_128_GCM_SHA256 (RustCrypto), signature verification ML-DSA-65 only, randomness
+/// from the OS, and a key provider that loads no DER private keys (keys come from
+/// [`Identity`]).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![SupportedCipherSuite::Tls13(&TLS13_AES_128_GCM_SHA256)],
+        kx_groups: vec![&MLKEM768],
+        signature_verification_algorithms: ML_DSA_65_ALGORITHMS,
+        secure_random: &OsRandom,
+        key_provider: &NoDerKeys,
+    })
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// rustls refused the provider or the protocol versions (a bug here, not an input).
+    #[error("rustls refused the TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A client configuration for dialling a node: TLS 1.3 only, our [`provider`], client
+/// authentication with `identity`'s raw public key, no ALPN/SNI/resumption/0-RTT.
+///
+/// The server may present its SPKI with or without the `server_certificate_type`
+/// extension (we don't ask for it). With `expected`, a server whose key hashes to another
+/// [`PeerId`] is refused with [`PeerVerifyError::WrongPeer`] (see [`peer_verify_error`]).
+pub fn client_config(identity: &Identity, expected: Option<PeerId>) -> Result<ClientConfig, TlsConfigError> {
+    build_client_config(sign::certified_key(identity), Arc::new(ServerKeyVerifier { expected }))
+}
+
+/// A server configuration for accepting nodes: TLS 1.3 only, our [`provider`], our SPKI as
+/// the "certificate", client authentication mandatory by raw public key, no ALPN, no
+/// session tickets or resumption, no 0-RTT.
+pub fn server_config(identity: &Identity) -> Result<ServerConfig, TlsConfigError> {
+    build_server_config(sign::certified_key(identity), Arc::new(ClientKeyVerifier))
+}
+
+fn build_client_config(
+    key: Arc<CertifiedKey>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<ClientConfig, TlsConfigError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        // only_raw_public_keys() == true: sends client_certificate_type = [RawPublicKey].
+        .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(key)));
+    config.alpn_protocols = Vec::new();
+    config.resumption = Resumption::disabled();
+    config.enable_early_data = false;
+    config.enable_sni = false;
+    Ok(config)
+}
+
+fn build_server_config(
+    key: Arc<CertifiedKey>,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<ServerConfig, TlsConfigError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(ServerKeyResolver(key)));
+    config.alpn_protocols = Vec::new();
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    // QUIC accepts only 0 or u32::MAX here.
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// The server's key. `only_raw_public_keys()` stays false on purpose: a client that does
+/// not offer `server_certificate_type` (ant-quic) must still be answered, with the SPKI in
+/// an X.509-typed entry. `AlwaysResolvesServerRawPublicKeys` would refuse such clients.
+#[derive(Debug)]
+struct ServerKeyResolver(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for ServerKeyResolver {
+    /// Always our key: rustls resolves it before choosing the group and the signature
+    /// scheme, so a client with no common group or without ML-DSA-65 is then refused with
+    /// the precise `NoKxGroupsInCommon` / `NoSignatureSchemesInCommon`.
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Randomness from the operating system.
+#[derive(Debug)]
+struct OsRandom;
+
+impl SecureRandom for OsRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
+        getrandom::getrandom(buf).map_err(|_| GetRandomFailed)
+    }
+}
+
+/// Loads no private keys: the only key is the node's ML-DSA-65 [`Identity`].
+#[derive(Debug)]
+struct NoDerKeys;
+
+impl KeyProvider for NoDerKeys {
+    fn load_private_key(&self, _key_der: PrivateKeyDer<'static>) -> Result<Arc<dyn SigningKey>, rustls::Error> {
+        Err(rustls::Error::General("antmesh loads no DER private keys; TLS keys come from the node identity".into()))
+    }
+}
