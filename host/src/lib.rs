@@ -13,5 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod plugin;
+pub mod quic;
 pub mod tls;
 pub mod transport;

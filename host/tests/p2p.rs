@@ -1,0 +1,114 @@
+//! `P2pEndpoint` over the real UDP plugin on loopback: pure-PQC QUIC between two nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use antmesh_host::identity::Identity;
+use antmesh_host::quic::endpoint::{ConnectError, DisconnectReason, P2pConfig, P2pEndpoint, P2pEvent, Side};
+use antmesh_plugin_api::TransportAddr;
+use tokio::time::timeout;
+use zeroize::Zeroizing;
+
+const T: Duration = Duration::from_secs(20);
+
+fn identity(seed: u8) -> Arc<Identity> {
+    Arc::new(Identity::from_seed(Zeroizing::new([seed; 32])))
+}
+
+async fn node(seed: u8) -> P2pEndpoint {
+    let cfg = P2pConfig::new(identity(seed), SocketAddr::from(([127, 0, 0, 1], 0)));
+    P2pEndpoint::new(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_authenticate_and_exchange_messages_both_ways() {
+    let a = node(1).await;
+    let b = node(2).await;
+    let mut b_events = b.subscribe();
+    let b_addr = b.local_addr().unwrap();
+
+    let got = timeout(T, a.connect_addr(b_addr)).await.unwrap().unwrap();
+    assert_eq!(got, b.peer_id(), "a sees b's PeerId");
+    assert_eq!(timeout(T, b.accept()).await.unwrap(), Some(a.peer_id()), "b sees a's PeerId");
+
+    let first = timeout(T, b_events.recv()).await.unwrap().unwrap();
+    assert!(matches!(first, P2pEvent::PeerConnected { peer, side: Side::Accepted, .. } if peer == a.peer_id()), "{first:?}");
+    let second = timeout(T, b_events.recv()).await.unwrap().unwrap();
+    assert_eq!(second, P2pEvent::PeerAuthenticated { peer: a.peer_id() });
+
+    a.send(&b.peer_id(), b"hello b").await.unwrap();
+    let (from, data) = timeout(T, b.recv()).await.unwrap().unwrap();
+    assert_eq!((from, data.as_slice()), (a.peer_id(), &b"hello b"[..]));
+
+    let big = vec![0x5a; 3 * 1024 * 1024];
+    b.send(&a.peer_id(), &big).await.unwrap();
+    let (from, data) = timeout(T, a.recv()).await.unwrap().unwrap();
+    assert_eq!(from, b.peer_id());
+    assert_eq!(data, big);
+
+    // A bidirectional stream: b echoes what a writes.
+    let echo = tokio::spawn(async move {
+        let (peer, mut send, mut recv) = b.accept_bi().await.unwrap();
+        let msg = recv.read_to_end(1024).await.unwrap();
+        send.write_all(&msg).await.unwrap();
+        send.finish().unwrap();
+        (peer, b)
+    });
+    let (mut send, mut recv) = a.open_bi(&got).await.unwrap();
+    send.write_all(b"ping").await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(timeout(T, recv.read_to_end(1024)).await.unwrap().unwrap(), b"ping");
+    let (peer, b) = echo.await.unwrap();
+    assert_eq!(peer, a.peer_id());
+
+    let s = a.stats();
+    assert_eq!((s.active_connections, s.connections_dialled, s.messages_sent, s.messages_received), (1, 1, 1, 1));
+
+    // a disconnects; b learns why.
+    let mut b_events = b.subscribe();
+    assert!(a.disconnect(&b.peer_id()));
+    loop {
+        match timeout(T, b_events.recv()).await.unwrap().unwrap() {
+            P2pEvent::PeerDisconnected { peer, reason } => {
+                assert_eq!(peer, a.peer_id());
+                assert!(matches!(reason, DisconnectReason::Remote { code: 0, .. }), "{reason:?}");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_the_wrong_peer_id_fails() {
+    let a = node(3).await;
+    let b = node(4).await;
+    let stranger = identity(5).peer_id();
+    let addr = TransportAddr::Udp(b.local_addr().unwrap());
+    let err = timeout(T, a.connect_transport(&addr, Some(stranger))).await.unwrap().unwrap_err();
+    match err {
+        ConnectError::WrongPeer { expected, actual } => {
+            assert_eq!(expected, stranger);
+            assert_eq!(actual, b.peer_id());
+        }
+        other => panic!("expected WrongPeer, got {other}"),
+    }
+    assert_eq!(a.stats().handshake_failures, 1);
+    assert!(a.connected_peers().is_empty());
+    // The right id works.
+    assert_eq!(timeout(T, a.connect_transport(&addr, Some(b.peer_id()))).await.unwrap().unwrap(), b.peer_id());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ip_addresses_are_not_for_quic() {
+    let a = node(6).await;
+    let addr: TransportAddr = "serial:///dev/ttyUSB0".parse().unwrap();
+    assert!(matches!(a.connect_transport(&addr, None).await, Err(ConnectError::UnsupportedTransport(s)) if s == "serial"));
+    a.shutdown().await;
+}
