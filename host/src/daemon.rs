@@ -1,14 +1,18 @@
 //! The thin tokio layer behind `antmesh up`: load plugins, open the configured interfaces,
 //! pump their events, and close everything on shutdown.
 //!
-//! No protocol logic lives here. Today inbound frames are counted and logged; the session
-//! engines and the router consume the same event streams as they land.
+//! No protocol logic lives here. An interface whose capabilities suit QUIC (datagrams,
+//! MTU ≥ 1200, ≥ 10 kbit/s, LAN/WAN latency) gets a [`P2pEndpoint`] with the node's
+//! identity; the constrained engine for the other interfaces is a later workstream, so their
+//! inbound frames are counted and logged.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::NodeConfig;
+use crate::identity::Identity;
+use crate::quic::endpoint::{P2pConfig, P2pEndpoint, P2pEvent};
 use crate::plugin::loader::{self, PluginDirError};
 use crate::plugin::NativeTransport;
 use crate::transport::{EventReceiver, SharedTransport, Transport, TransportEvent};
@@ -23,6 +27,14 @@ pub enum UpError {
     /// The plugin directory could not be read.
     #[error(transparent)]
     PluginDir(#[from] PluginDirError),
+    /// The QUIC endpoint could not start on an interface.
+    #[error("interface `{interface}`: {source}")]
+    Quic {
+        /// Interface name.
+        interface: String,
+        /// Why.
+        source: crate::quic::endpoint::EndpointError,
+    },
     /// Interfaces were configured but none could be opened.
     #[error("none of the {configured} configured interfaces could be opened (see the errors above)")]
     NoInterfaces {
@@ -38,14 +50,17 @@ pub struct RunSummary {
     pub opened: Vec<String>,
     /// Interfaces that failed to open, with reasons.
     pub failed: Vec<(String, String)>,
-    /// Frames received over the whole run.
+    /// Frames received over the whole run on interfaces without a session engine.
     pub frames_received: u64,
+    /// QUIC peers that connected over the whole run.
+    pub quic_peers: u64,
 }
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
     cfg: NodeConfig,
     plugin_dir: Option<PathBuf>,
+    identity: Arc<Identity>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, UpError> {
     let dir = plugin_dir.or(cfg.plugin_dir.clone()).or_else(loader::default_plugin_dir).ok_or(UpError::NoPluginDir)?;
@@ -60,6 +75,8 @@ pub async fn run(
     let mut summary = RunSummary::default();
     let mut open: Vec<SharedTransport> = Vec::new();
     let mut pumps = Vec::new();
+    let mut endpoints: Vec<(String, Arc<P2pEndpoint>)> = Vec::new();
+    let mut watchers = Vec::new();
     let enabled: Vec<_> = cfg.interfaces.iter().filter(|i| i.enabled).collect();
     for iface in &enabled {
         let Some(plugin) = set.get(&iface.plugin) else {
@@ -81,8 +98,19 @@ pub async fn run(
                     "interface up"
                 );
                 let t: SharedTransport = Arc::new(t);
-                pumps.push(tokio::spawn(pump(Arc::clone(&t), rx)));
-                open.push(t);
+                if caps.suits_quic() {
+                    let local = addrs.first().and_then(|a| a.strip_prefix("udp://")).and_then(|a| a.parse().ok());
+                    let bind = local.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let ep = P2pEndpoint::with_transport(P2pConfig::new(Arc::clone(&identity), bind), Arc::clone(&t), rx)
+                        .map_err(|source| UpError::Quic { interface: iface.name.clone(), source })?;
+                    let ep = Arc::new(ep);
+                    tracing::info!(interface = %iface.name, peer_id = %ep.peer_id(), "QUIC endpoint up");
+                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep))));
+                    endpoints.push((iface.name.clone(), ep));
+                } else {
+                    pumps.push(tokio::spawn(pump(Arc::clone(&t), rx)));
+                    open.push(t);
+                }
                 summary.opened.push(iface.name.clone());
             }
             Err(e) => {
@@ -91,13 +119,25 @@ pub async fn run(
             }
         }
     }
-    if open.is_empty() && !enabled.is_empty() {
+    if summary.opened.is_empty() && !enabled.is_empty() {
         return Err(UpError::NoInterfaces { configured: enabled.len() });
     }
-    tracing::info!(interfaces = open.len(), "node up");
+    tracing::info!(interfaces = summary.opened.len(), peer_id = %identity.peer_id(), "node up");
 
     shutdown.await;
     tracing::info!("shutting down");
+    for (name, ep) in &endpoints {
+        // Tells connected peers, drains, and closes the interface underneath.
+        ep.shutdown().await;
+        tracing::debug!(interface = %name, "QUIC endpoint closed");
+    }
+    for w in watchers {
+        w.abort();
+    }
+    for (_, ep) in &endpoints {
+        let st = ep.stats();
+        summary.quic_peers += st.connections_accepted + st.connections_dialled;
+    }
     for t in open {
         // close joins plugin threads; keep it off the async workers.
         let name = t.interface().to_owned();
@@ -112,8 +152,32 @@ pub async fn run(
             summary.frames_received += n;
         }
     }
-    tracing::info!(frames = summary.frames_received, "node stopped");
+    tracing::info!(frames = summary.frames_received, quic_peers = summary.quic_peers, "node stopped");
     Ok(summary)
+}
+
+/// Logs what happens on a QUIC interface and drains its messages (no application is
+/// attached to the daemon yet; the mesh router will be).
+async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>) {
+    let mut events = ep.subscribe();
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(P2pEvent::PeerConnected { peer, addr, side }) => {
+                    tracing::info!(interface = %iface, %peer, %addr, ?side, "peer connected");
+                }
+                Ok(P2pEvent::PeerAuthenticated { peer }) => tracing::debug!(interface = %iface, %peer, "peer authenticated (ML-DSA-65)"),
+                Ok(P2pEvent::PeerDisconnected { peer, reason }) => tracing::info!(interface = %iface, %peer, ?reason, "peer disconnected"),
+                Ok(P2pEvent::DataReceived { .. }) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::debug!(interface = %iface, "{n} events skipped"),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            msg = ep.recv() => match msg {
+                Ok((peer, data)) => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
+                Err(_) => return,
+            },
+        }
+    }
 }
 
 async fn pump(t: SharedTransport, rx: EventReceiver) -> u64 {

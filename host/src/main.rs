@@ -128,7 +128,7 @@ fn up(config: Option<PathBuf>, identity: Option<PathBuf>, plugin_dir: Option<Pat
         }
     };
     tracing::info!(peer_id = %id.peer_id(), "identity loaded");
-    match rt.block_on(daemon::run(cfg, plugin_dir, daemon::shutdown_signal())) {
+    match rt.block_on(daemon::run(cfg, plugin_dir, std::sync::Arc::new(id), daemon::shutdown_signal())) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -7,6 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use antmesh_host::identity::Identity;
+use antmesh_host::quic::endpoint::{P2pConfig, P2pEndpoint};
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
 const ANTMESH: &str = env!("CARGO_BIN_EXE_antmesh");
 
 fn wait_line(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>, needle: &str) -> String {
@@ -54,19 +59,39 @@ fn up_without_flags_opens_the_default_udp_interface_and_exits_0_on_sigint() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     let iface = wait_line(&rx, &mut seen, "interface up");
-    assert!(iface.contains("udp://0.0.0.0:4242"), "{iface}");
-    wait_line(&rx, &mut seen, "node up");
+    assert!(iface.contains("udp://0.0.0.0:4242") && iface.contains("engine=\"quic\""), "{iface}");
+    let up = wait_line(&rx, &mut seen, "node up");
 
-    // The interface is really open: a datagram to it is received and logged.
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    probe.send_to(b"hello node", "127.0.0.1:4242").unwrap();
-    let got = wait_line(&rx, &mut seen, "frame received");
-    assert!(got.contains("bytes=10"), "{got}");
+    // The default interface is a post-quantum QUIC endpoint: dial it, check it is the node
+    // whose identity file was just created, and send it a message.
+    let node_id = Identity::load(&key).unwrap().peer_id();
+    assert!(up.contains(&node_id.to_hex()), "{up}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let me = rt.block_on(async {
+        let me = P2pEndpoint::new(P2pConfig::new(
+            Arc::new(Identity::from_seed(Zeroizing::new([9; 32]))),
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+        let peer = tokio::time::timeout(Duration::from_secs(20), me.connect_addr("127.0.0.1:4242".parse().unwrap()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(peer, node_id);
+        me.send(&peer, b"hello node").await.unwrap();
+        me
+    });
+    let connected = wait_line(&rx, &mut seen, "peer connected");
+    assert!(connected.contains(&me.peer_id().to_hex()), "{connected}");
+    let got = wait_line(&rx, &mut seen, "message received");
+    assert!(got.contains("bytes=10") && got.contains(&me.peer_id().to_hex()), "{got}");
 
     // SAFETY: signalling our own child by its pid.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
     let stopped = wait_line(&rx, &mut seen, "node stopped");
-    assert!(stopped.contains("frames=1"), "{stopped}");
+    assert!(stopped.contains("quic_peers=1"), "{stopped}");
+    rt.block_on(me.shutdown());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
