@@ -221,10 +221,11 @@ impl AsyncUdpSocket for PluginSocket {
     fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
         let mut inb = lock(&self.shared.inbound);
         if inb.queue.is_empty() {
-            if inb.closed {
-                return Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected)));
+            // A closed transport simply delivers nothing more: an error here would make
+            // quinn's driver log a spurious I/O failure during an orderly shutdown.
+            if !inb.closed {
+                inb.waker = Some(cx.waker().clone());
             }
-            inb.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
         let mut n = 0;
