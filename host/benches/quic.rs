@@ -1,10 +1,12 @@
 //! QUIC benchmark: plain quinn (rustls + *ring*, X25519 / ECDSA P-256) against antmesh's
 //! post-quantum QUIC (ML-KEM-768 / ML-DSA-65, pure Rust), directly on a UDP socket and
-//! through the `udp` transport plugin. Everything runs in this one process on 127.0.0.1.
+//! through the `udp` transport plugin; with the `aws-lc` feature also antmesh over
+//! aws-lc-rs (stack D). Everything runs in this one process on 127.0.0.1.
 //!
 //! ```text
 //! cargo build --release -p antmesh-transport-udp     # the plugin stack C loads
 //! cargo bench -p antmesh-host --bench quic
+//! cargo bench -p antmesh-host --bench quic --features aws-lc   # adds stack D
 //! ```
 //!
 //! It prints figures; it asserts nothing about them. See docs/performance.md.
@@ -24,7 +26,11 @@
 //!   (`quinn::Endpoint::new` with a `std::net::UdpSocket`).
 //! - **C plugin**: the same crypto, quinn over `PluginSocket` (the `udp` plugin's socket).
 //! - **C api** (handshakes only): `P2pEndpoint::connect_addr` over the plugin, i.e. what an
-//!   application calling the API gets, configuration building included.
+//!   application calling the API gets, configuration building included. With the `aws-lc`
+//!   feature this is the build's default, aws-lc-rs, and the row is named `C api aws-lc`.
+//! - **D aws-lc** (feature `aws-lc` only): stack B with every primitive from aws-lc-rs
+//!   (`client_crypto_with` / `server_crypto_with(.., Primitives::AwsLc)`). B and C stay on
+//!   RustCrypto in that build (`Primitives::RustCrypto`), so B and D compare in one run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -41,7 +47,13 @@ use std::time::{Duration, Instant};
 
 use antmesh_host::identity::{Identity, PublicIdentity};
 use antmesh_host::plugin::{loader, NativeTransport};
-use antmesh_host::quic::crypto::{client_crypto, reset_key, server_crypto, token_key};
+#[cfg(not(feature = "aws-lc"))]
+use antmesh_host::quic::crypto::{client_crypto, server_crypto};
+use antmesh_host::quic::crypto::{reset_key, token_key};
+#[cfg(feature = "aws-lc")]
+use antmesh_host::quic::crypto::{client_crypto_with, server_crypto_with};
+#[cfg(feature = "aws-lc")]
+use antmesh_host::tls::Primitives;
 use antmesh_host::quic::endpoint::{P2pConfig, P2pEndpoint};
 use antmesh_host::quic::socket::PluginSocket;
 use antmesh_host::transport::SharedTransport;
@@ -287,10 +299,29 @@ struct PqCrypto {
     client: quinn::ClientConfig,
 }
 
+/// antmesh's crypto over RustCrypto (stacks B and C), whatever the build's default.
+#[cfg(not(feature = "aws-lc"))]
 fn pq_crypto(server_id: &Identity, client_id: &Identity) -> PqCrypto {
     PqCrypto {
         server: quinn::ServerConfig::new(server_crypto(server_id).unwrap(), token_key().unwrap()),
         client: quinn::ClientConfig::new(client_crypto(client_id, Some(server_id.peer_id())).unwrap()),
+    }
+}
+
+/// antmesh's crypto over RustCrypto (stacks B and C), whatever the build's default.
+#[cfg(feature = "aws-lc")]
+fn pq_crypto(server_id: &Identity, client_id: &Identity) -> PqCrypto {
+    pq_crypto_with(server_id, client_id, Primitives::RustCrypto)
+}
+
+/// antmesh's crypto over the chosen primitives (stack D: aws-lc-rs).
+#[cfg(feature = "aws-lc")]
+fn pq_crypto_with(server_id: &Identity, client_id: &Identity, primitives: Primitives) -> PqCrypto {
+    PqCrypto {
+        server: quinn::ServerConfig::new(server_crypto_with(server_id, primitives).unwrap(), token_key().unwrap()),
+        client: quinn::ClientConfig::new(
+            client_crypto_with(client_id, Some(server_id.peer_id()), primitives).unwrap(),
+        ),
     }
 }
 
@@ -314,14 +345,24 @@ fn stack_a() -> Stack {
 }
 
 fn stack_b() -> Stack {
-    let c = pq_crypto(&identity(1), &identity(2));
+    direct_stack("B antmesh", pq_crypto(&identity(1), &identity(2)))
+}
+
+/// Stack B's setup over aws-lc-rs.
+#[cfg(feature = "aws-lc")]
+fn stack_d() -> Stack {
+    direct_stack("D aws-lc", pq_crypto_with(&identity(1), &identity(2), Primitives::AwsLc))
+}
+
+/// antmesh crypto `c` on plain UDP sockets (stacks B and D).
+fn direct_stack(name: &'static str, c: PqCrypto) -> Stack {
     let rt = Arc::new(TokioRuntime);
     let server =
         Endpoint::new(EndpointConfig::new(reset_key().unwrap()), Some(c.server), loopback_socket(), rt.clone()).unwrap();
     let client = Endpoint::new(EndpointConfig::new(reset_key().unwrap()), None, loopback_socket(), rt).unwrap();
     let server_addr = server.local_addr().unwrap();
     Stack {
-        name: "B antmesh",
+        name,
         accepted: spawn_acceptor(server.clone()),
         server,
         client,
@@ -354,7 +395,7 @@ fn udp_plugin() -> Result<loader::PluginSet, String> {
 
 fn plugin_endpoint(set: &loader::PluginSet, name: &str, server: Option<quinn::ServerConfig>) -> (Endpoint, SharedTransport) {
     let plugin = set.get("udp").unwrap();
-    let (t, events) = NativeTransport::open(plugin, name, "(bind: \"127.0.0.1:0\")").unwrap();
+    let (t, events) = NativeTransport::open(plugin, name, "(bind: \"127.0.0.1:0\", sched_batch: true)").unwrap();
     let t: SharedTransport = Arc::new(t);
     let socket = PluginSocket::new(Arc::clone(&t), events).unwrap();
     let ep = Endpoint::new_with_abstract_socket(
@@ -568,6 +609,9 @@ async fn run_stack(mut s: Stack, n: usize, mib: u64) -> Results {
     r
 }
 
+/// The name of the P2pEndpoint row: it runs on the build's default primitives.
+const API_STACK: &str = if cfg!(feature = "aws-lc") { "C api aws-lc" } else { "C api" };
+
 /// Handshakes through the public API: `P2pEndpoint::connect_addr` then `disconnect`.
 async fn run_api(n: usize) -> Results {
     let node = |seed| {
@@ -578,8 +622,8 @@ async fn run_api(n: usize) -> Results {
     let a = node(5).await.unwrap();
     let b = node(6).await.unwrap();
     let b_addr = b.local_addr().unwrap();
-    let mut r = Results { name: "C api", ..Results::default() };
-    eprintln!("C api: {n} handshakes…");
+    let mut r = Results { name: API_STACK, ..Results::default() };
+    eprintln!("{API_STACK}: {n} handshakes…");
     for i in 0..WARMUP + n {
         if i == WARMUP {
             r.cpu_per_hs = cpu_time();
@@ -596,7 +640,7 @@ async fn run_api(n: usize) -> Results {
         }
     }
     r.cpu_per_hs = (cpu_time() - r.cpu_per_hs) / n as u32;
-    r.suite = "MLKEM768 / ML-DSA-65 (P2pEndpoint)".into();
+    r.suite = format!("MLKEM768 / ML-DSA-65 (P2pEndpoint, {})", antmesh_host::tls::PRIMITIVES);
     a.shutdown().await;
     b.shutdown().await;
     r
@@ -860,14 +904,94 @@ fn ring_quic_suite(suite: rustls::SupportedCipherSuite) -> rustls::quic::Suite {
     suite.tls13().unwrap().quic_suite().unwrap()
 }
 
-struct Primitives {
+struct PrimitiveCosts {
     rows: Vec<(&'static str, Duration)>,
     aead: Vec<(&'static str, f64)>,
     pq_per_handshake: Duration,
+    /// The same over aws-lc-rs (feature `aws-lc`).
+    aws_lc_pq_per_handshake: Option<Duration>,
     classical_per_handshake: Duration,
 }
 
-fn primitives() -> Primitives {
+/// ML-KEM-768 through a kx group: (client key pair, server encapsulation, client
+/// decapsulation).
+fn kem_costs(kem: &dyn SupportedKxGroup, iters: u32) -> (Duration, Duration, Duration) {
+    let client_share = kem.start().unwrap();
+    let client_pub = client_share.pub_key().to_vec();
+    let keygen = time_per(iters, || {
+        std::hint::black_box(kem.start().unwrap());
+    });
+    let encaps = time_per(iters, || {
+        std::hint::black_box(kem.start_and_complete(&client_pub).unwrap());
+    });
+    let ct = kem.start_and_complete(&client_pub).unwrap().pub_key;
+    let decaps = time_per(iters, || {
+        let share = kem.start().unwrap();
+        std::hint::black_box(share.complete(&ct).ok());
+    })
+    .saturating_sub(keygen);
+    (keygen, encaps, decaps)
+}
+
+/// The RustCrypto ML-KEM-768 group, whatever the build's default.
+fn rustcrypto_kem() -> &'static dyn SupportedKxGroup {
+    #[cfg(feature = "aws-lc")]
+    {
+        antmesh_host::tls::provider_with(Primitives::RustCrypto).kx_groups[0]
+    }
+    #[cfg(not(feature = "aws-lc"))]
+    {
+        &antmesh_host::tls::MLKEM768
+    }
+}
+
+/// The RustCrypto QUIC suite, whatever the build's default.
+fn rustcrypto_quic_suite() -> rustls::quic::Suite {
+    #[cfg(feature = "aws-lc")]
+    {
+        antmesh_host::tls::quic_initial_suite_with(Primitives::RustCrypto)
+    }
+    #[cfg(not(feature = "aws-lc"))]
+    {
+        antmesh_host::tls::quic_initial_suite()
+    }
+}
+
+/// ML-DSA-65 and ML-KEM-768 over aws-lc-rs, through the same provider parts the handshake
+/// uses; appends the rows and returns both ends of one handshake (`dsa_decode` is the
+/// fips204 key decode our SPKI check still does).
+#[cfg(feature = "aws-lc")]
+fn aws_lc_costs(rows: &mut Vec<(&'static str, Duration)>, iters: u32, dsa_decode: Duration) -> Duration {
+    let id = identity(9);
+    let msg = [0x42u8; 130];
+    let pk = *id.public().as_bytes();
+    let config = antmesh_host::tls::client_config_with(&id, None, Primitives::AwsLc).unwrap();
+    let key = config.client_auth_cert_resolver.resolve(&[], &[SignatureScheme::ML_DSA_65]).unwrap();
+    let signer = key.key.choose_scheme(&[SignatureScheme::ML_DSA_65]).unwrap();
+    let sig = signer.sign(&msg).unwrap();
+    let sign = time_per(2 * iters, || {
+        std::hint::black_box(signer.sign(&msg).unwrap());
+    });
+    let provider = antmesh_host::tls::provider_with(Primitives::AwsLc);
+    let verifier = provider.signature_verification_algorithms.mapping[0].1[0];
+    let verify = time_per(iters, || verifier.verify_signature(&pk, &msg, &sig).unwrap());
+    let seed = [7u8; 32];
+    let keygen = time_per(iters / 4, || {
+        std::hint::black_box(
+            aws_lc_rs::signature::PqdsaKeyPair::from_seed(&aws_lc_rs::signature::ML_DSA_65_SIGNING, &seed).unwrap(),
+        );
+    });
+    let (kem_keygen, kem_encaps, kem_decaps) = kem_costs(provider.kx_groups[0], iters);
+    rows.push(("ML-DSA-65 sign (aws-lc-rs)", sign));
+    rows.push(("ML-DSA-65 verify, key parse incl. (aws-lc-rs)", verify));
+    rows.push(("ML-DSA-65 key pair from seed (aws-lc-rs)", keygen));
+    rows.push(("ML-KEM-768 key pair (aws-lc-rs)", kem_keygen));
+    rows.push(("ML-KEM-768 encapsulate (aws-lc-rs)", kem_encaps));
+    rows.push(("ML-KEM-768 decapsulate (aws-lc-rs)", kem_decaps));
+    2 * sign + 2 * verify + 4 * dsa_decode + kem_keygen + kem_encaps + kem_decaps
+}
+
+fn primitives() -> PrimitiveCosts {
     let iters = 500;
     let mut rows = Vec::new();
     let id = identity(9);
@@ -890,23 +1014,14 @@ fn primitives() -> Primitives {
     rows.push(("ML-DSA-65 public key decode", dsa_decode));
     rows.push(("ML-DSA-65 key pair from seed", dsa_keygen));
 
-    let kem = &antmesh_host::tls::MLKEM768;
-    let client_share = kem.start().unwrap();
-    let client_pub = client_share.pub_key().to_vec();
-    let kem_keygen = time_per(iters, || {
-        std::hint::black_box(kem.start().unwrap());
-    });
-    let kem_encaps = time_per(iters, || {
-        std::hint::black_box(kem.start_and_complete(&client_pub).unwrap());
-    });
-    let ct = kem.start_and_complete(&client_pub).unwrap().pub_key;
-    let kem_decaps = time_per(iters, || {
-        let share = kem.start().unwrap();
-        std::hint::black_box(share.complete(&ct).ok());
-    }) - kem_keygen;
+    let (kem_keygen, kem_encaps, kem_decaps) = kem_costs(rustcrypto_kem(), iters);
     rows.push(("ML-KEM-768 key pair (client)", kem_keygen));
     rows.push(("ML-KEM-768 encapsulate (server)", kem_encaps));
     rows.push(("ML-KEM-768 decapsulate (client)", kem_decaps));
+    #[cfg(feature = "aws-lc")]
+    let aws_lc_pq_per_handshake = Some(aws_lc_costs(&mut rows, iters, dsa_decode));
+    #[cfg(not(feature = "aws-lc"))]
+    let aws_lc_pq_per_handshake = None;
 
     // Classical, through rustls' ring provider.
     let x = rustls::crypto::ring::kx_group::X25519;
@@ -943,12 +1058,18 @@ fn primitives() -> Primitives {
     let pq = 2 * dsa_sign + 2 * dsa_verify + 4 * dsa_decode + kem_keygen + kem_encaps + kem_decaps;
     let classical = 2 * ecdsa_sign + 2 * ecdsa_verify + x_start + 2 * x_server;
     use rustls::crypto::ring::cipher_suite as ring_suites;
-    let aead = vec![
-        ("antmesh AES-128-GCM (RustCrypto aes-gcm)", seal_mb_s(antmesh_host::tls::quic_initial_suite())),
+    #[allow(unused_mut)]
+    let mut aead = vec![
+        ("antmesh AES-128-GCM (RustCrypto aes-gcm)", seal_mb_s(rustcrypto_quic_suite())),
         ("ring AES-128-GCM", seal_mb_s(ring_quic_suite(ring_suites::TLS13_AES_128_GCM_SHA256))),
         ("ring AES-256-GCM (plain's negotiated suite)", seal_mb_s(ring_quic_suite(ring_suites::TLS13_AES_256_GCM_SHA384))),
     ];
-    Primitives { rows, aead, pq_per_handshake: pq, classical_per_handshake: classical }
+    #[cfg(feature = "aws-lc")]
+    aead.insert(
+        1,
+        ("antmesh AES-128-GCM (aws-lc-rs)", seal_mb_s(antmesh_host::tls::quic_initial_suite_with(Primitives::AwsLc))),
+    );
+    PrimitiveCosts { rows, aead, pq_per_handshake: pq, aws_lc_pq_per_handshake, classical_per_handshake: classical }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -992,6 +1113,9 @@ fn main() {
         "classical: both ends of one handshake",
         prims.classical_per_handshake.as_secs_f64() * 1e6
     );
+    if let Some(d) = prims.aws_lc_pq_per_handshake {
+        println!("  {:<42} {:>9.1}", "PQ aws-lc-rs: both ends of one handshake", d.as_secs_f64() * 1e6);
+    }
 
     println!("\nQUIC packet sealing, 1400-byte payloads (one thread, MB/s):");
     for (what, v) in &prims.aead {
@@ -1002,13 +1126,24 @@ fn main() {
     let (plain_tls, plain_wire) = tls_session_heap(plain.tls.0.clone(), plain.tls.1.clone(), "localhost");
     let (server_id, client_id) = (identity(1), identity(2));
     let (pq_tls, pq_wire) = tls_session_heap(
-        Arc::new(antmesh_host::tls::client_config(&client_id, Some(server_id.peer_id())).unwrap()),
-        Arc::new(antmesh_host::tls::server_config(&server_id).unwrap()),
+        Arc::new(rustcrypto_client_config(&client_id, &server_id)),
+        Arc::new(rustcrypto_server_config(&server_id)),
         "antmesh",
     );
     println!("\nrustls QUIC sessions alone (in memory, both ends, after the handshake):");
     println!("  plain   {:>6.1} KB live heap, {:>5} B of handshake messages", plain_tls as f64 / 1024.0, plain_wire);
     println!("  antmesh {:>6.1} KB live heap, {:>5} B of handshake messages", pq_tls as f64 / 1024.0, pq_wire);
+    #[cfg(feature = "aws-lc")]
+    {
+        let (aws_tls, aws_wire) = tls_session_heap(
+            Arc::new(
+                antmesh_host::tls::client_config_with(&client_id, Some(server_id.peer_id()), Primitives::AwsLc).unwrap(),
+            ),
+            Arc::new(antmesh_host::tls::server_config_with(&server_id, Primitives::AwsLc).unwrap()),
+            "antmesh",
+        );
+        println!("  aws-lc  {:>6.1} KB live heap, {:>5} B of handshake messages", aws_tls as f64 / 1024.0, aws_wire);
+    }
 
     let plugins = udp_plugin();
     let results: Vec<Results> = rt.block_on(async {
@@ -1016,8 +1151,16 @@ fn main() {
         trace("A plain", plain.server, plain.client, "localhost", EndpointConfig::default()).await;
         let q = pq_crypto(&identity(1), &identity(2));
         trace("B antmesh", q.server, q.client, "antmesh", EndpointConfig::new(reset_key().unwrap())).await;
+        #[cfg(feature = "aws-lc")]
+        {
+            let q = pq_crypto_with(&identity(1), &identity(2), Primitives::AwsLc);
+            trace("D aws-lc", q.server, q.client, "antmesh", EndpointConfig::new(reset_key().unwrap())).await;
+        }
 
+        #[allow(unused_mut)]
         let mut out = vec![run_stack(stack_a(), n, mib).await, run_stack(stack_b(), n, mib).await];
+        #[cfg(feature = "aws-lc")]
+        out.push(run_stack(stack_d(), n, mib).await);
         match &plugins {
             Ok(set) => {
                 out.push(run_stack(stack_c(set), n, mib).await);
@@ -1030,7 +1173,7 @@ fn main() {
 
     println!("\nResults (handshake ms over {n} fresh connections, no resumption; client = connect() until established, both = until the server has it too):");
     println!(
-        "{:<10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>12} {:>12} {:>13} {:>13}  negotiated",
+        "{:<12} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>12} {:>12} {:>13} {:>13}  negotiated",
         "stack",
         "p50",
         "p90",
@@ -1045,7 +1188,7 @@ fn main() {
     );
     for r in &results {
         println!(
-            "{:<10} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>12.3} {:>10} {:>12} {:>12} {:>13} {:>13}  {}",
+            "{:<12} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>12.3} {:>10} {:>12} {:>12} {:>13} {:>13}  {}",
             r.name,
             r.p(&r.hs_client, 50.0),
             r.p(&r.hs_client, 90.0),
@@ -1104,8 +1247,55 @@ fn main() {
             );
         }
     }
+    if let (Some(a), Some(d)) = (get("A plain"), get("D aws-lc")) {
+        if let (Some(x), Some(y)) = (d.bulk_mb_s, a.bulk_mb_s) {
+            let q = x / y;
+            println!("  bulk aws-lc/plain           {q:>6.3}  (target ≥ 0.95: {})", verdict(q >= 0.95));
+        }
+        let q = d.p(&d.hs_client, 50.0) / a.p(&a.hs_client, 50.0);
+        println!("  handshake p50 aws-lc/plain  {q:>6.3}  (target ≤ 3: {})", verdict(q <= 3.0));
+        let q = d.p(&d.hs_both, 50.0) / a.p(&a.hs_both, 50.0);
+        println!("  (both-sides p50 aws-lc/plain {q:.3}; CPU per handshake aws-lc/plain {:.3})", d.cpu_per_hs.as_secs_f64() / a.cpu_per_hs.as_secs_f64());
+    }
+    if let (Some(b), Some(d)) = (get("B antmesh"), get("D aws-lc")) {
+        let bulk = match (d.bulk_mb_s, b.bulk_mb_s) {
+            (Some(x), Some(y)) => format!("{:.3}", x / y),
+            _ => "-".into(),
+        };
+        println!(
+            "  (aws-lc/RustCrypto: handshake p50 {:.3}, CPU per handshake {:.3}, bulk {bulk})",
+            d.p(&d.hs_client, 50.0) / b.p(&b.hs_client, 50.0),
+            d.cpu_per_hs.as_secs_f64() / b.cpu_per_hs.as_secs_f64()
+        );
+    }
     if let Err(e) = &plugins {
         println!("  stack C not measured: {e}");
     }
-    println!("  aws-lc-rs primitive backend: not measured (not built yet)");
+    if !cfg!(feature = "aws-lc") {
+        println!("  stack D (aws-lc-rs) not measured: cargo bench -p antmesh-host --bench quic --features aws-lc");
+    }
+}
+
+/// Stack B's TLS client config (RustCrypto, whatever the build's default).
+fn rustcrypto_client_config(client: &Identity, server: &Identity) -> rustls::ClientConfig {
+    #[cfg(feature = "aws-lc")]
+    {
+        antmesh_host::tls::client_config_with(client, Some(server.peer_id()), Primitives::RustCrypto).unwrap()
+    }
+    #[cfg(not(feature = "aws-lc"))]
+    {
+        antmesh_host::tls::client_config(client, Some(server.peer_id())).unwrap()
+    }
+}
+
+/// Stack B's TLS server config (RustCrypto, whatever the build's default).
+fn rustcrypto_server_config(server: &Identity) -> rustls::ServerConfig {
+    #[cfg(feature = "aws-lc")]
+    {
+        antmesh_host::tls::server_config_with(server, Primitives::RustCrypto).unwrap()
+    }
+    #[cfg(not(feature = "aws-lc"))]
+    {
+        antmesh_host::tls::server_config(server).unwrap()
+    }
 }

@@ -26,7 +26,7 @@
 //! |---|---|
 //! | TLS | `tls::client_config` / `tls::server_config`: TLS 1.3, ML-KEM-768, ML-DSA-65 raw public keys, mutual authentication |
 //! | QUIC versions | v1 (and `0xff00_0021..=0xff00_0022`), draft-29..32 (`0xff00_001d..=0xff00_0020`), as quinn |
-//! | Initial keys | `tls::quic_initial_suite().keys(..)` (RFC 9001 §5.2), AES-128-GCM + AES-128 header protection |
+//! | Initial keys | `tls::quic_initial_suite().keys(..)` (RFC 9001 §5.2), AES-128-GCM + AES-128 header protection, from the config's primitives (RustCrypto, or aws-lc-rs with the `aws-lc` feature) |
 //! | Retry integrity tag | AES-128-GCM (`aes-gcm`) with the fixed key/nonce of RFC 9001 §5.8 (v1) or draft-29 |
 //! | stateless reset tokens | HMAC-SHA256 under a random 64-byte key |
 //! | Retry / NEW_TOKEN tokens | HKDF-SHA256 (`hkdf`) from a random 64-byte key → a per-token AES-256-GCM key |
@@ -54,7 +54,7 @@ use quinn::{ConnectError, ConnectionId, Side, TransportErrorCode};
 use quinn_proto::transport_parameters::TransportParameters;
 use quinn_proto::TransportError;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::quic::{Connection, HeaderProtectionKey, KeyChange, PacketKey, Secrets, Version};
+use rustls::quic::{Connection, HeaderProtectionKey, KeyChange, PacketKey, Secrets, Suite, Version};
 use rustls::{AlertDescription, CipherSuite, NamedGroup};
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -124,13 +124,32 @@ pub fn client_crypto(
     identity: &Identity,
     expected: Option<PeerId>,
 ) -> Result<Arc<dyn qc::ClientConfig>, QuicCryptoError> {
-    let tls = Arc::new(tls::client_config(identity, expected)?);
+    client_crypto_from(tls::client_config(identity, expected)?, tls::quic_initial_suite())
+}
+
+/// [`client_crypto`] over the chosen primitives (feature `aws-lc`; [`client_crypto`] uses
+/// aws-lc-rs then): packet protection, Initial keys and the handshake all come from them.
+#[cfg(feature = "aws-lc")]
+pub fn client_crypto_with(
+    identity: &Identity,
+    expected: Option<PeerId>,
+    primitives: tls::Primitives,
+) -> Result<Arc<dyn qc::ClientConfig>, QuicCryptoError> {
+    client_crypto_from(
+        tls::client_config_with(identity, expected, primitives)?,
+        tls::quic_initial_suite_with(primitives),
+    )
+}
+
+/// `initial` must be the QUIC suite of `tls`'s provider.
+fn client_crypto_from(tls: rustls::ClientConfig, initial: Suite) -> Result<Arc<dyn qc::ClientConfig>, QuicCryptoError> {
+    let tls = Arc::new(tls);
     // rustls checks TLS 1.3 and the QUIC suite when a session starts; do it once here so
     // that `start_session` cannot fail on the configuration later.
     let probe = ServerName::from(IpAddr::V4(Ipv4Addr::LOCALHOST));
     rustls::quic::ClientConnection::new(tls.clone(), Version::V1, probe, Vec::new())
         .map_err(QuicCryptoError::Session)?;
-    Ok(Arc::new(ClientCrypto { tls }))
+    Ok(Arc::new(ClientCrypto { tls, initial }))
 }
 
 /// The server half of quinn's crypto configuration: our key as the raw public key, client
@@ -138,10 +157,25 @@ pub fn client_crypto(
 ///
 /// Use: `quinn::ServerConfig::new(server_crypto(&identity)?, token_key()?)`.
 pub fn server_crypto(identity: &Identity) -> Result<Arc<dyn qc::ServerConfig>, QuicCryptoError> {
-    let tls = Arc::new(tls::server_config(identity)?);
+    server_crypto_from(tls::server_config(identity)?, tls::quic_initial_suite())
+}
+
+/// [`server_crypto`] over the chosen primitives (feature `aws-lc`; [`server_crypto`] uses
+/// aws-lc-rs then).
+#[cfg(feature = "aws-lc")]
+pub fn server_crypto_with(
+    identity: &Identity,
+    primitives: tls::Primitives,
+) -> Result<Arc<dyn qc::ServerConfig>, QuicCryptoError> {
+    server_crypto_from(tls::server_config_with(identity, primitives)?, tls::quic_initial_suite_with(primitives))
+}
+
+/// `initial` must be the QUIC suite of `tls`'s provider.
+fn server_crypto_from(tls: rustls::ServerConfig, initial: Suite) -> Result<Arc<dyn qc::ServerConfig>, QuicCryptoError> {
+    let tls = Arc::new(tls);
     // Validated once, so `start_session` (which cannot return an error) does not fail.
     rustls::quic::ServerConnection::new(tls.clone(), Version::V1, Vec::new()).map_err(QuicCryptoError::Session)?;
-    Ok(Arc::new(ServerCrypto { tls }))
+    Ok(Arc::new(ServerCrypto { tls, initial }))
 }
 
 /// The endpoint's stateless-reset key (RFC 9000 §10.3): HMAC-SHA256 under 64 fresh random
@@ -198,6 +232,8 @@ pub fn wrong_peer(error: &quinn::ConnectionError, expected: PeerId) -> Option<Qu
 
 struct ClientCrypto {
     tls: Arc<rustls::ClientConfig>,
+    /// Initial packet keys: the QUIC suite of `tls`'s provider.
+    initial: Suite,
 }
 
 impl qc::ClientConfig for ClientCrypto {
@@ -219,17 +255,19 @@ impl qc::ClientConfig for ClientCrypto {
                     tracing::error!("cannot start a TLS client session: {e}");
                     ConnectError::EndpointStopping
                 })?;
-        Ok(Box::new(TlsSession::new(version, Connection::Client(connection))))
+        Ok(Box::new(TlsSession::new(version, self.initial, Connection::Client(connection))))
     }
 }
 
 struct ServerCrypto {
     tls: Arc<rustls::ServerConfig>,
+    /// Initial packet keys: the QUIC suite of `tls`'s provider.
+    initial: Suite,
 }
 
 impl qc::ServerConfig for ServerCrypto {
     fn initial_keys(&self, version: u32, dst_cid: &ConnectionId) -> Result<Keys, UnsupportedVersion> {
-        Ok(initial_keys(interpret_version(version)?, dst_cid, Side::Server))
+        Ok(initial_keys(self.initial, interpret_version(version)?, dst_cid, Side::Server))
     }
 
     /// quinn never calls this for a version `initial_keys` refused; if it did, the tag is
@@ -241,12 +279,20 @@ impl qc::ServerConfig for ServerCrypto {
     fn start_session(self: Arc<Self>, version: u32, params: &TransportParameters) -> Box<dyn qc::Session> {
         // quinn calls this only for versions `initial_keys` accepted.
         let Ok(version) = interpret_version(version) else {
-            return Box::new(FailedSession { version: Version::V1, reason: "unsupported QUIC version".into() });
+            return Box::new(FailedSession {
+                version: Version::V1,
+                initial: self.initial,
+                reason: "unsupported QUIC version".into(),
+            });
         };
         match rustls::quic::ServerConnection::new(self.tls.clone(), version, transport_parameters(params)) {
-            Ok(connection) => Box::new(TlsSession::new(version, Connection::Server(connection))),
+            Ok(connection) => Box::new(TlsSession::new(version, self.initial, Connection::Server(connection))),
             // Checked in `server_crypto`; the handshake then fails with INTERNAL_ERROR.
-            Err(e) => Box::new(FailedSession { version, reason: format!("cannot start a TLS server session: {e}") }),
+            Err(e) => Box::new(FailedSession {
+                version,
+                initial: self.initial,
+                reason: format!("cannot start a TLS server session: {e}"),
+            }),
         }
     }
 }
@@ -273,9 +319,10 @@ fn tls_side(side: Side) -> rustls::Side {
     }
 }
 
-/// Initial packet keys (RFC 9001 §5.2) from the client's first destination CID.
-fn initial_keys(version: Version, dst_cid: &ConnectionId, side: Side) -> Keys {
-    let keys = tls::quic_initial_suite().keys(dst_cid, tls_side(side), version);
+/// Initial packet keys (RFC 9001 §5.2) from the client's first destination CID, over
+/// `suite`'s primitives.
+fn initial_keys(suite: Suite, version: Version, dst_cid: &ConnectionId, side: Side) -> Keys {
+    let keys = suite.keys(dst_cid, tls_side(side), version);
     Keys {
         header: KeyPair {
             local: Box::new(HeaderProtection(keys.local.header)),
@@ -349,6 +396,8 @@ fn retry_is_valid(version: Version, orig_dst_cid: &ConnectionId, header: &[u8], 
 /// A TLS 1.3 session inside QUIC (quinn-proto's `TlsSession`, minus 0-RTT).
 struct TlsSession {
     version: Version,
+    /// Initial packet keys (the suite of the config's provider).
+    initial: Suite,
     /// Set once `handshake_data` is available (quinn polls `read_handshake`'s `true`).
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
@@ -356,8 +405,8 @@ struct TlsSession {
 }
 
 impl TlsSession {
-    fn new(version: Version, inner: Connection) -> Self {
-        TlsSession { version, got_handshake_data: false, next_secrets: None, inner }
+    fn new(version: Version, initial: Suite, inner: Connection) -> Self {
+        TlsSession { version, initial, got_handshake_data: false, next_secrets: None, inner }
     }
 
     fn side(&self) -> Side {
@@ -388,7 +437,7 @@ impl TlsSession {
 
 impl qc::Session for TlsSession {
     fn initial_keys(&self, dst_cid: &ConnectionId, side: Side) -> Keys {
-        initial_keys(self.version, dst_cid, side)
+        initial_keys(self.initial, self.version, dst_cid, side)
     }
 
     fn handshake_data(&self) -> Option<Box<dyn Any>> {
@@ -495,12 +544,13 @@ impl qc::Session for TlsSession {
 /// the first handshake bytes fail the connection with INTERNAL_ERROR and `reason`.
 struct FailedSession {
     version: Version,
+    initial: Suite,
     reason: String,
 }
 
 impl qc::Session for FailedSession {
     fn initial_keys(&self, dst_cid: &ConnectionId, side: Side) -> Keys {
-        initial_keys(self.version, dst_cid, side)
+        initial_keys(self.initial, self.version, dst_cid, side)
     }
 
     fn handshake_data(&self) -> Option<Box<dyn Any>> {

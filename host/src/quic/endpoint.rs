@@ -6,7 +6,8 @@
 //! unidirectional stream each (raw bytes, finished after the write) — the same framing
 //! ant-quic uses, so the two stacks exchange messages directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,9 @@ use crate::transport::{EventReceiver, SharedTransport};
 /// The server name quinn requires on dial. antmesh authenticates by PeerId, not by name:
 /// it is neither sent (no SNI) nor checked.
 const SERVER_NAME: &str = "antmesh";
+
+/// Client configurations kept per expected peer (see [`ConfigCache`]).
+pub const CLIENT_CONFIG_CACHE: usize = 64;
 
 /// Application close code: the peer asked to disconnect.
 pub const CLOSE_DISCONNECT: u32 = 0;
@@ -241,6 +245,39 @@ struct PeerEntry {
     initiator: PeerId,
 }
 
+/// The client configuration of every dial, per expected peer (`None`: whoever answers),
+/// built once: building one copies the identity (re-deriving the ML-DSA-65 key pair from
+/// its seed), builds a rustls `ClientConfig` and starts a probe session, ~0.3 ms. A
+/// configuration holds no per-connection state (no resumption, and every session makes
+/// its own key share), so sharing it changes nothing on the wire. Bounded: past `cap`
+/// entries the oldest goes.
+struct ConfigCache<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> ConfigCache<K, V> {
+    fn new(cap: usize) -> Self {
+        ConfigCache { map: HashMap::new(), order: VecDeque::new(), cap: cap.max(1) }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.map.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 struct Inner {
     me: PeerId,
     identity: Arc<Identity>,
@@ -253,6 +290,7 @@ struct Inner {
     incoming: mpsc::Sender<PeerId>,
     max_message_size: usize,
     transport_cfg: Arc<quinn::TransportConfig>,
+    client_configs: Mutex<ConfigCache<Option<PeerId>, quinn::ClientConfig>>,
     stats: Counters,
 }
 
@@ -318,6 +356,7 @@ impl P2pEndpoint {
             incoming: in_tx,
             max_message_size: config.max_message_size,
             transport_cfg,
+            client_configs: Mutex::new(ConfigCache::new(CLIENT_CONFIG_CACHE)),
             stats: Counters::default(),
         });
         tokio::spawn(accept_loop(Arc::clone(&inner)));
@@ -352,9 +391,21 @@ impl P2pEndpoint {
         }
     }
 
-    async fn dial(&self, addr: SocketAddr, expected: Option<PeerId>) -> Result<PeerId, ConnectError> {
+    /// The client configuration for dials expecting `expected` (cached, see [`ConfigCache`]).
+    fn client_config(&self, expected: Option<PeerId>) -> Result<quinn::ClientConfig, ConnectError> {
+        if let Some(client) = lock(&self.inner.client_configs).get(&expected) {
+            return Ok(client);
+        }
+        // Built outside the lock: dials to other peers need not wait for it. Two dials
+        // racing here build it twice; both are equivalent.
         let mut client = quinn::ClientConfig::new(crypto::client_crypto(&self.inner.identity, expected)?);
         client.transport_config(Arc::clone(&self.inner.transport_cfg));
+        lock(&self.inner.client_configs).insert(expected, client.clone());
+        Ok(client)
+    }
+
+    async fn dial(&self, addr: SocketAddr, expected: Option<PeerId>) -> Result<PeerId, ConnectError> {
+        let client = self.client_config(expected)?;
         let connecting = self.inner.endpoint.connect_with(client, addr, SERVER_NAME)?;
         let conn = match connecting.await {
             Ok(c) => c,
@@ -584,4 +635,22 @@ async fn watch_close(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
         other => DisconnectReason::Error(other.to_string()),
     };
     let _ = inner.events.send(P2pEvent::PeerDisconnected { peer, reason });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConfigCache;
+
+    #[test]
+    fn the_config_cache_is_bounded_and_keeps_the_newest() {
+        let mut c = ConfigCache::new(2);
+        c.insert(Some(1), "a");
+        c.insert(None, "b");
+        c.insert(Some(1), "a2");
+        assert_eq!((c.get(&Some(1)), c.get(&None)), (Some("a2"), Some("b")));
+        c.insert(Some(3), "c");
+        assert_eq!(c.get(&Some(1)), None, "the oldest entry went");
+        assert_eq!((c.get(&None), c.get(&Some(3))), (Some("b"), Some("c")));
+        assert_eq!((c.map.len(), c.order.len()), (2, 2));
+    }
 }

@@ -1,20 +1,52 @@
 //! quinn's socket, lent by a datagram transport plugin (the UDP plugin).
 //!
 //! [`PluginSocket`] implements quinn's `AsyncUdpSocket` over the host's
-//! [`Transport`](crate::transport::Transport) interface: `try_send` is the plugin's
-//! non-blocking `send`, a `WouldBlock` parks quinn's poller until the plugin's `writable`
-//! event, and received frames are queued by a pump task and handed to quinn in batches.
-//! The plugin owns the real socket and its threads; nothing async crosses the boundary.
+//! [`Transport`](crate::transport::Transport) interface. The plugin owns the real socket and
+//! its threads; nothing async crosses the boundary.
+//!
+//! - **Sending.** `try_send` hands a whole quinn transmit (up to [`MAX_TRANSMIT_SEGMENTS`]
+//!   datagrams, cut at its segment size) to the plugin's non-blocking `send_batch` in one
+//!   call; the udp plugin turns it into one segmentation offload send. A `WouldBlock` parks
+//!   quinn's poller until the plugin's `writable` event.
+//! - **Receiving.** quinn's endpoint driver reads the transport's event channel itself,
+//!   in `poll_recv`: no task in between. Consecutive equal-size datagrams from one sender
+//!   share one of quinn's receive slots ([`MAX_RECEIVE_SEGMENTS`], what receive offload
+//!   does on quinn's own socket), so quinn allocates once per train rather than per
+//!   datagram. A received datagram is copied twice on the host side: out of the plugin's
+//!   buffer in `deliver` (it is only lent), and into quinn's.
+//! - **Path MTU.** `may_fragment()` is false, so quinn runs path MTU discovery as on its
+//!   own socket: a datagram plugin carrying QUIC should send with the don't-fragment bit
+//!   (the udp plugin does, `dont_fragment`). One that lets the kernel fragment still works,
+//!   only less efficiently where the path MTU is below quinn's probes.
+//! - **Send errors** other than `WouldBlock` and `Closed` lose the datagrams concerned and
+//!   are logged at debug level, as quinn's own socket treats `sendmsg` errors: an error
+//!   would end the connection, and QUIC recovers from loss. `TooLarge` is what an MTU probe
+//!   above the plugin's MTU gets.
+//!
+//! **A transmit the plugin takes only part of.** quinn's `try_send` is all or nothing: an
+//! error means "nothing of this transmit was sent, try it again", success means "all of it
+//! was". `send_batch` may take a prefix (its queue filled up in the middle). Reporting an
+//! error then would make quinn send the prefix twice; reporting success and forgetting the
+//! rest would lose datagrams (QUIC would recover, at the price of a congestion response).
+//! So the socket keeps the untaken rest (copied; one transmit's tail per concurrent sender
+//! at most) and reports success: the tail goes first, before any later transmit, on the
+//! next `try_send` or as soon as the plugin says `writable`, whichever comes first. While a
+//! tail is waiting, a `try_send` that cannot flush it returns `WouldBlock`, so nothing
+//! overtakes it and the memory stays bounded. A tail refused for another reason than
+//! `WouldBlock` is dropped, as above.
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use antmesh_plugin_api::{LinkAddr, SendError, TransportAddr};
+use antmesh_plugin_api::abi_stable::std_types::RSlice;
+use antmesh_plugin_api::{LinkAddr, OutFrame, SendError, TransportAddr};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
@@ -23,6 +55,19 @@ use crate::transport::{EventReceiver, SharedTransport, TransportEvent};
 /// Datagrams queued for quinn before further ones are dropped (as a full socket buffer
 /// would drop them; QUIC recovers).
 pub const INBOUND_QUEUE: usize = 8192;
+
+/// Transport events taken per `poll_recv` at most.
+const EVENTS_PER_POLL: usize = 64;
+
+/// The most datagrams quinn puts in one transmit (what quinn's own socket allows with GSO):
+/// they reach the plugin in one `send_batch`.
+pub const MAX_TRANSMIT_SEGMENTS: usize = 10;
+
+/// The most datagrams handed to quinn in one receive slot: consecutive equal-size datagrams
+/// from one sender share a slot, as with receive offload on quinn's own socket. quinn sizes
+/// its receive buffer to this (× its maximum datagram size × its batch of 32 slots: 1.5 MB
+/// of address space per endpoint at the default 1472-byte datagram).
+pub const MAX_RECEIVE_SEGMENTS: usize = 32;
 
 /// Why a transport cannot carry QUIC.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -41,48 +86,243 @@ pub enum SocketError {
     NoLocalAddress(String),
 }
 
-#[derive(Default)]
+/// A batch of frames as the transport delivered it; quinn has had those before `next`.
+struct Queued {
+    frames: Vec<(LinkAddr, Vec<u8>)>,
+    next: usize,
+}
+
+/// Waits for the transport's next event.
+type NextEvent = Pin<Box<dyn Future<Output = Result<TransportEvent, async_channel::RecvError>> + Send>>;
+
 struct Inbound {
-    queue: VecDeque<(SocketAddr, Vec<u8>)>,
-    waker: Option<Waker>,
+    /// The transport's events, read by `poll_recv` (that is, by quinn's endpoint driver):
+    /// frames for quinn, `writable` for the senders.
+    events: EventReceiver,
+    /// The wait for the next event, once the channel was found empty.
+    wait: Option<NextEvent>,
+    /// Batches as delivered, in order.
+    batches: VecDeque<Queued>,
+    /// Frames in `batches` that quinn has not had yet.
+    queued: usize,
     dropped: u64,
     closed: bool,
 }
 
+impl Inbound {
+    /// The next event if there is one now; otherwise registers `cx` for the next one.
+    /// `Some(None)`: the channel has ended.
+    fn next_event(&mut self, cx: &mut Context) -> Option<Option<TransportEvent>> {
+        match self.events.try_recv() {
+            Ok(ev) => return Some(Some(ev)),
+            Err(async_channel::TryRecvError::Closed) => return Some(None),
+            Err(async_channel::TryRecvError::Empty) => {}
+        }
+        let events = &self.events;
+        let wait = self.wait.get_or_insert_with(|| {
+            let rx = events.clone();
+            Box::pin(async move { rx.recv().await })
+        });
+        match wait.as_mut().poll(cx) {
+            Poll::Ready(r) => {
+                self.wait = None;
+                Some(r.ok())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    /// Queues a delivered batch, dropping what does not fit (as a full socket buffer would).
+    fn push(&mut self, mut frames: Vec<(LinkAddr, Vec<u8>)>) {
+        let room = INBOUND_QUEUE.saturating_sub(self.queued);
+        if frames.len() > room {
+            self.dropped += (frames.len() - room) as u64;
+            frames.truncate(room);
+        }
+        if !frames.is_empty() {
+            self.queued += frames.len();
+            self.batches.push_back(Queued { frames, next: 0 });
+        }
+    }
+
+    /// Fills quinn's slots with queued frames; returns how many slots are full.
+    fn fill(&mut self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some(q) = self.batches.front_mut() else { break };
+            let Some((from, data)) = q.frames.get(q.next) else {
+                self.batches.pop_front();
+                continue;
+            };
+            q.next += 1;
+            self.queued -= 1;
+            let Some(addr) = from.socket_addr() else { continue };
+            let buf = &mut bufs[n];
+            // quinn's receive buffers hold a maximum-size datagram (times the segments);
+            // a longer one cannot be a valid QUIC packet, so it is dropped, not truncated.
+            if data.len() > buf.len() {
+                self.dropped += 1;
+                continue;
+            }
+            buf[..data.len()].copy_from_slice(data);
+            // What receive offload does: the datagrams that follow from the same sender,
+            // as long as the first (none after a shorter one), share the slot; quinn cuts
+            // them apart at `stride`, with one allocation for them all.
+            let seg = data.len();
+            let mut len = seg;
+            let mut count = 1;
+            while seg > 0 && count < MAX_RECEIVE_SEGMENTS && len == count * seg {
+                match q.frames.get(q.next) {
+                    Some((f, d)) if f == from && !d.is_empty() && d.len() <= seg && len + d.len() <= buf.len() => {
+                        buf[len..len + d.len()].copy_from_slice(d);
+                        len += d.len();
+                        count += 1;
+                        q.next += 1;
+                        self.queued -= 1;
+                    }
+                    _ => break,
+                }
+            }
+            let m = &mut meta[n];
+            m.addr = addr;
+            m.len = len;
+            m.stride = seg;
+            m.ecn = None;
+            m.dst_ip = None;
+            n += 1;
+        }
+        while self.batches.front().is_some_and(|q| q.next >= q.frames.len()) {
+            self.batches.pop_front();
+        }
+        n
+    }
+}
+
 #[derive(Default)]
 struct Writable {
-    /// Bumped on every `writable` event from the plugin.
-    generation: u64,
-    /// The generation at the last refused send.
+    /// The generation (see [`Shared::generation`]) read before the last refused send.
     blocked_at: Option<u64>,
     wakers: Vec<Waker>,
 }
 
+/// The datagrams of a transmit the plugin has not taken yet (see the module docs).
+struct Tail {
+    to: LinkAddr,
+    data: Vec<u8>,
+    seg: usize,
+}
+
 struct Shared {
+    transport: SharedTransport,
     inbound: Mutex<Inbound>,
     writable: Mutex<Writable>,
+    /// Bumped on every `writable` event from the plugin (before its wakers are taken).
+    generation: AtomicU64,
+    /// Tails in transmit order: one, except when concurrent senders (connections) each
+    /// left one before seeing the other's.
+    tails: Mutex<VecDeque<Tail>>,
+    /// Whether `tails` holds something (read without the lock on every send).
+    has_tail: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Shared {
+    /// Remembers a refusal seen by a send that started at `generation`: quinn's poller
+    /// waits for a `writable` event counted after that.
+    fn blocked(&self, generation: u64) {
+        lock(&self.writable).blocked_at = Some(generation);
+    }
+
+    /// Sends `data` cut into `seg`-byte datagrams in one `send_batch`. Returns how many
+    /// bytes the plugin took and, if not all, why not.
+    fn send_segments(&self, to: &LinkAddr, data: &[u8], seg: usize) -> (usize, Option<SendError>) {
+        if data.len() <= seg {
+            return match self.transport.send(to, data) {
+                Ok(()) => (data.len(), None),
+                Err(e) => (0, Some(e)),
+            };
+        }
+        let frames: Vec<OutFrame<'_>> =
+            data.chunks(seg).map(|d| OutFrame { to: to.clone(), data: RSlice::from_slice(d) }).collect();
+        let r = self.transport.send_batch(&frames);
+        let accepted = (r.accepted as usize).min(frames.len());
+        if accepted == frames.len() {
+            return (data.len(), None);
+        }
+        // A plugin that stops a batch without saying why is treated as full.
+        (accepted * seg, Some(r.error.into_option().unwrap_or(SendError::WouldBlock)))
+    }
+
+    /// Sends the waiting tails, if any. True once nothing waits any more (sent, or dropped
+    /// for a reason other than backpressure), false if some of it still waits (the plugin
+    /// said `WouldBlock`; its `writable` follows).
+    fn flush_tails(&self) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut tails = lock(&self.tails);
+        while let Some(tail) = tails.front_mut() {
+            match self.send_segments(&tail.to, &tail.data, tail.seg) {
+                (_, None) => {}
+                (taken, Some(SendError::WouldBlock)) => {
+                    tail.data.drain(..taken);
+                    self.blocked(generation);
+                    return false;
+                }
+                (taken, Some(e)) => {
+                    let interface = self.transport.interface();
+                    tracing::debug!(interface, "dropped {} unsent bytes of a transmit: {e}", tail.data.len() - taken);
+                }
+            }
+            tails.pop_front();
+        }
+        self.has_tail.store(false, Ordering::Release);
+        true
+    }
+
+    /// The plugin has room again: a waiting tail goes now (not whenever quinn sends next;
+    /// if the plugin refuses again, it owes another `writable`), then the senders retry.
+    fn on_writable(&self) {
+        if self.has_tail.load(Ordering::Acquire) {
+            self.flush_tails();
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake_senders();
+    }
+
+    fn wake_senders(&self) {
+        let wakers = std::mem::take(&mut lock(&self.writable).wakers);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Keeps the untaken rest of a transmit (see the module docs).
+    fn keep_tail(&self, tail: Tail) {
+        let mut tails = lock(&self.tails);
+        tails.push_back(tail);
+        self.has_tail.store(true, Ordering::Release);
+    }
+}
+
 /// A transport instance as quinn's socket.
 pub struct PluginSocket {
-    transport: SharedTransport,
     local: SocketAddr,
     shared: Arc<Shared>,
 }
 
 impl fmt::Debug for PluginSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PluginSocket").field("interface", &self.transport.interface()).field("local", &self.local).finish()
+        f.debug_struct("PluginSocket")
+            .field("interface", &self.shared.transport.interface())
+            .field("local", &self.local)
+            .finish()
     }
 }
 
 impl PluginSocket {
-    /// Wraps `transport` and starts the task that feeds its events to quinn. Must be
-    /// called inside a tokio runtime.
+    /// Wraps `transport`. Its events are read by quinn's endpoint driver (in `poll_recv`),
+    /// so hand the socket to a quinn endpoint: until then the plugin's `deliver` waits once
+    /// [`EVENT_QUEUE`](crate::plugin::native::EVENT_QUEUE) events are pending.
     pub fn new(transport: SharedTransport, events: EventReceiver) -> Result<Arc<PluginSocket>, SocketError> {
         let caps = transport.capabilities();
         let unsuitable = |why: &str| SocketError::Unsuitable { interface: transport.interface().to_owned(), why: why.to_owned() };
@@ -100,61 +340,33 @@ impl PluginSocket {
                 _ => None,
             })
             .ok_or_else(|| SocketError::NoLocalAddress(transport.interface().to_owned()))?;
-        let shared = Arc::new(Shared { inbound: Mutex::new(Inbound::default()), writable: Mutex::new(Writable::default()) });
-        tokio::spawn(pump(Arc::clone(&shared), events));
-        Ok(Arc::new(PluginSocket { transport, local, shared }))
+        let shared = Arc::new(Shared {
+            transport,
+            inbound: Mutex::new(Inbound {
+                events,
+                wait: None,
+                batches: VecDeque::new(),
+                queued: 0,
+                dropped: 0,
+                closed: false,
+            }),
+            writable: Mutex::new(Writable::default()),
+            generation: AtomicU64::new(0),
+            tails: Mutex::new(VecDeque::new()),
+            has_tail: AtomicBool::new(false),
+        });
+        Ok(Arc::new(PluginSocket { local, shared }))
     }
 
     /// The transport underneath.
     pub fn transport(&self) -> &SharedTransport {
-        &self.transport
+        &self.shared.transport
     }
 
     /// Datagrams dropped because quinn fell behind.
     pub fn dropped(&self) -> u64 {
         lock(&self.shared.inbound).dropped
     }
-}
-
-async fn pump(shared: Arc<Shared>, events: EventReceiver) {
-    while let Ok(ev) = events.recv().await {
-        match ev {
-            TransportEvent::Frames(batch) => {
-                let waker = {
-                    let mut inb = lock(&shared.inbound);
-                    for (from, data) in batch {
-                        let Some(sa) = from.socket_addr() else { continue };
-                        if inb.queue.len() >= INBOUND_QUEUE {
-                            inb.dropped += 1;
-                            continue;
-                        }
-                        inb.queue.push_back((sa, data));
-                    }
-                    inb.waker.take()
-                };
-                if let Some(w) = waker {
-                    w.wake();
-                }
-            }
-            TransportEvent::Writable => {
-                let wakers = {
-                    let mut w = lock(&shared.writable);
-                    w.generation += 1;
-                    std::mem::take(&mut w.wakers)
-                };
-                wakers.into_iter().for_each(Waker::wake);
-            }
-            // Links are a connection-oriented notion; QUIC keeps its own liveness.
-            TransportEvent::LinkUp(_) | TransportEvent::LinkDown { .. } => {}
-        }
-    }
-    // The instance is closed: wake quinn so it sees the end.
-    let (r, ws) = {
-        let mut inb = lock(&shared.inbound);
-        inb.closed = true;
-        (inb.waker.take(), std::mem::take(&mut lock(&shared.writable).wakers))
-    };
-    r.into_iter().chain(ws).for_each(Waker::wake);
 }
 
 struct Poller {
@@ -172,7 +384,7 @@ impl UdpPoller for Poller {
         let mut w = lock(&self.shared.writable);
         match w.blocked_at {
             // A writable event came after the refusal: try again.
-            Some(at) if w.generation > at => {
+            Some(at) if self.shared.generation.load(Ordering::Acquire) > at => {
                 w.blocked_at = None;
                 Poll::Ready(Ok(()))
             }
@@ -187,77 +399,294 @@ impl UdpPoller for Poller {
     }
 }
 
-fn to_io(e: SendError) -> io::Error {
-    match e {
-        SendError::WouldBlock => io::Error::from(io::ErrorKind::WouldBlock),
-        SendError::TooLarge { size, mtu } => {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("datagram of {size} bytes exceeds the MTU of {mtu}"))
-        }
-        SendError::Closed => io::Error::from(io::ErrorKind::NotConnected),
-        other => io::Error::other(other.to_string()),
-    }
-}
-
 impl AsyncUdpSocket for PluginSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(Poller { shared: Arc::clone(&self.shared) })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let to = LinkAddr::from(transmit.destination);
-        let seg = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
-        for datagram in transmit.contents.chunks(seg) {
-            if let Err(e) = self.transport.send(&to, datagram) {
-                if e == SendError::WouldBlock {
-                    let mut w = lock(&self.shared.writable);
-                    w.blocked_at = Some(w.generation);
-                }
-                return Err(to_io(e));
+        let shared = &self.shared;
+        if shared.has_tail.load(Ordering::Acquire) {
+            // An earlier transmit's rest goes first; until it has, nothing overtakes it.
+            if !shared.flush_tails() {
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
             }
         }
-        Ok(())
+        let generation = shared.generation.load(Ordering::Acquire);
+        let to = LinkAddr::from(transmit.destination);
+        let data = transmit.contents;
+        let seg = transmit.segment_size.unwrap_or(data.len()).max(1);
+        match shared.send_segments(&to, data, seg) {
+            (_, None) => Ok(()),
+            (0, Some(SendError::WouldBlock)) => {
+                shared.blocked(generation);
+                Err(io::Error::from(io::ErrorKind::WouldBlock))
+            }
+            // The instance is gone: the connection cannot go on.
+            (0, Some(SendError::Closed)) => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            // Part of the transmit is queued: it is sent (see the module docs).
+            (taken, Some(SendError::WouldBlock)) => {
+                shared.keep_tail(Tail { to, data: data[taken..].to_vec(), seg });
+                Ok(())
+            }
+            // Anything else loses these datagrams only, as quinn's own socket treats send
+            // errors: an error here would end the connection, and QUIC recovers from loss.
+            // (`TooLarge` is what an MTU probe above the plugin's MTU gets.)
+            (taken, Some(e)) => {
+                let interface = shared.transport.interface();
+                tracing::debug!(interface, "{} bytes of a transmit not sent: {e}", data.len() - taken);
+                Ok(())
+            }
+        }
     }
 
     fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
-        let mut inb = lock(&self.shared.inbound);
-        if inb.queue.is_empty() {
-            // A closed transport simply delivers nothing more: an error here would make
-            // quinn's driver log a spurious I/O failure during an orderly shutdown.
-            if !inb.closed {
-                inb.waker = Some(cx.waker().clone());
+        let mut writable = false;
+        let mut ended = false;
+        let mut guard = lock(&self.shared.inbound);
+        let inb = &mut *guard;
+        // Take what the transport has delivered into the bounded queue first (beyond
+        // [`INBOUND_QUEUE`] frames are dropped, as by a full socket buffer), so the channel
+        // does not hold whole batches while quinn is behind. Bounded per call; quinn comes
+        // back until this returns `Pending`.
+        let mut waiting = false;
+        for _ in 0..EVENTS_PER_POLL {
+            if inb.closed {
+                break;
             }
-            return Poll::Pending;
-        }
-        let mut n = 0;
-        for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()) {
-            let Some((from, data)) = inb.queue.pop_front() else { break };
-            // quinn's receive buffers hold a maximum-size datagram; a longer one cannot
-            // be a valid QUIC packet, so it is dropped rather than truncated.
-            if data.len() > buf.len() {
-                inb.dropped += 1;
-                continue;
+            match inb.next_event(cx) {
+                Some(Some(TransportEvent::Frames(frames))) => inb.push(frames),
+                Some(Some(TransportEvent::Writable)) => writable = true,
+                // Links are a connection-oriented notion; QUIC keeps its own liveness.
+                Some(Some(TransportEvent::LinkUp(_) | TransportEvent::LinkDown { .. })) => {}
+                Some(None) => {
+                    inb.closed = true;
+                    ended = true;
+                }
+                None => {
+                    // `cx` is woken by the next event.
+                    waiting = true;
+                    break;
+                }
             }
-            buf[..data.len()].copy_from_slice(&data);
-            m.addr = from;
-            m.len = data.len();
-            m.stride = data.len();
-            m.ecn = None;
-            m.dst_ip = None;
-            n += 1;
         }
-        if n == 0 {
-            if inb.queue.is_empty() {
-                inb.waker = Some(cx.waker().clone());
-            } else {
-                // Everything in this round was dropped but more is queued: come back.
-                cx.waker().wake_by_ref();
-            }
-            return Poll::Pending;
+        let n = inb.fill(bufs, meta);
+        // A closed transport simply delivers nothing more: an error would make quinn's
+        // driver log a spurious I/O failure during an orderly shutdown.
+        let result = if n > 0 { Poll::Ready(Ok(n)) } else { Poll::Pending };
+        if n == 0 && !waiting && !inb.closed {
+            // Stopped at the bound with nothing for quinn (all `writable`s, or all
+            // dropped): events are left, so come back.
+            cx.waker().wake_by_ref();
         }
-        Poll::Ready(Ok(n))
+        drop(guard);
+        if writable {
+            self.shared.on_writable();
+        }
+        if ended {
+            // Senders waiting for room retry, and see the end.
+            self.shared.wake_senders();
+        }
+        result
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        MAX_TRANSMIT_SEGMENTS
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        MAX_RECEIVE_SEGMENTS
+    }
+
+    fn may_fragment(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{CloseError, Transport};
+    use antmesh_plugin_api::abi_stable::std_types::{RNone, ROption};
+    use antmesh_plugin_api::{BatchResult, Capabilities, Duplex, Framing, LatencyClass, Reliability};
+
+    const LOCAL: ([u8; 4], u16) = ([127, 0, 0, 1], 4000);
+
+    /// A transport that records what it is given and takes as many frames as told.
+    #[derive(Default)]
+    struct Mock {
+        /// Per call: the frames' lengths.
+        sent: Mutex<Vec<Vec<usize>>>,
+        /// Frames the next calls take (`None`: all), and the error past them.
+        take: Mutex<Option<(usize, SendError)>>,
+    }
+
+    impl Mock {
+        fn accept(&self, frames: usize) -> (usize, Option<SendError>) {
+            match lock(&self.take).clone() {
+                Some((n, e)) if n < frames => (n, Some(e)),
+                _ => (frames, None),
+            }
+        }
+    }
+
+    impl Transport for Mock {
+        fn interface(&self) -> &str {
+            "mock"
+        }
+        fn scheme(&self) -> &str {
+            "udp"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                mtu: 1472,
+                bitrate_bps: 0,
+                latency: LatencyClass::Wan,
+                broadcast: false,
+                duplex: Duplex::Full,
+                reliability: Reliability::Lossy,
+                framing: Framing::Datagram,
+                link_layer_acks: false,
+                metered: false,
+                power_constrained: false,
+                peer_liveness: false,
+            }
+        }
+        fn local_addresses(&self) -> Vec<TransportAddr> {
+            vec![TransportAddr::Udp(SocketAddr::from(LOCAL))]
+        }
+        fn send(&self, _: &LinkAddr, frame: &[u8]) -> Result<(), SendError> {
+            match self.accept(1) {
+                (1, _) => {
+                    lock(&self.sent).push(vec![frame.len()]);
+                    Ok(())
+                }
+                (_, e) => Err(e.unwrap_or(SendError::WouldBlock)),
+            }
+        }
+        fn send_batch(&self, frames: &[OutFrame<'_>]) -> BatchResult {
+            let (n, e) = self.accept(frames.len());
+            if n > 0 {
+                lock(&self.sent).push(frames[..n].iter().map(|f| f.data.len()).collect());
+            }
+            BatchResult { accepted: n as u32, error: e.map_or(RNone, ROption::RSome) }
+        }
+        fn close(&self) -> Result<(), CloseError> {
+            Ok(())
+        }
+    }
+
+    fn socket() -> (Arc<PluginSocket>, Arc<Mock>, async_channel::Sender<TransportEvent>) {
+        let mock = Arc::new(Mock::default());
+        let (tx, rx) = async_channel::bounded(16);
+        let t: SharedTransport = mock.clone();
+        (PluginSocket::new(t, rx).unwrap(), mock, tx)
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5000))
+    }
+
+    /// nine 1200-byte datagrams and a 500-byte one
+    fn transmit(contents: &[u8]) -> Transmit<'_> {
+        Transmit { destination: peer(), ecn: None, contents, segment_size: Some(1200), src_ip: None }
+    }
+
+    fn poll_recv(s: &PluginSocket, slots: usize) -> Poll<io::Result<Vec<RecvMeta>>> {
+        let mut storage = vec![vec![0u8; 1472 * MAX_RECEIVE_SEGMENTS]; slots];
+        let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); slots];
+        let mut cx = Context::from_waker(Waker::noop());
+        s.poll_recv(&mut cx, &mut bufs, &mut meta).map_ok(|n| meta[..n].to_vec())
+    }
+
+    #[test]
+    fn a_transmit_goes_in_one_batch() {
+        let (s, mock, _tx) = socket();
+        assert!(s.max_transmit_segments() > 1);
+        let data = vec![7u8; 9 * 1200 + 500];
+        s.try_send(&transmit(&data)).unwrap();
+        assert_eq!(*lock(&mock.sent), vec![[vec![1200; 9], vec![500]].concat()]);
+    }
+
+    #[test]
+    fn a_partly_taken_transmit_is_finished_first_and_nothing_is_sent_twice() {
+        let (s, mock, tx) = socket();
+        let data = vec![7u8; 9 * 1200 + 500];
+        *lock(&mock.take) = Some((4, SendError::WouldBlock));
+        // Four taken: success for quinn, the other six wait.
+        s.try_send(&transmit(&data)).unwrap();
+        // The tail still does not fit: this transmit is refused whole.
+        *lock(&mock.take) = Some((0, SendError::WouldBlock));
+        let next = vec![8u8; 2400];
+        assert_eq!(s.try_send(&transmit(&next)).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let mut poller = Arc::clone(&s).create_io_poller();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(poller.as_mut().poll_writable(&mut cx).is_pending());
+        // Room again: the `writable` event flushes the tail and releases the poller.
+        *lock(&mock.take) = None;
+        tx.try_send(TransportEvent::Writable).unwrap();
+        assert!(poll_recv(&s, 4).is_pending());
+        assert!(poller.as_mut().poll_writable(&mut cx).is_ready());
+        s.try_send(&transmit(&next)).unwrap();
+        let sent = lock(&mock.sent).clone();
+        assert_eq!(sent, vec![vec![1200; 4], [vec![1200; 5], vec![500]].concat(), vec![1200; 2]]);
+    }
+
+    #[test]
+    fn send_errors_lose_datagrams_but_a_closed_transport_ends_the_connection() {
+        let (s, mock, _tx) = socket();
+        let data = vec![7u8; 2400];
+        *lock(&mock.take) = Some((0, SendError::TooLarge { size: 2000, mtu: 1472 }));
+        s.try_send(&transmit(&data)).unwrap();
+        *lock(&mock.take) = Some((1, SendError::BadAddress("x".into())));
+        s.try_send(&transmit(&data)).unwrap();
+        *lock(&mock.take) = Some((0, SendError::Closed));
+        assert_eq!(s.try_send(&transmit(&data)).unwrap_err().kind(), io::ErrorKind::NotConnected);
+    }
+
+    #[test]
+    fn trains_share_a_slot() {
+        let (s, _mock, tx) = socket();
+        let a = LinkAddr::from(peer());
+        let b = LinkAddr::from(SocketAddr::from(([127, 0, 0, 1], 6000)));
+        let mut frames = vec![(a.clone(), vec![1u8; 1200]); 3];
+        frames.push((a.clone(), vec![2u8; 500]));
+        frames.push((a.clone(), vec![3u8; 1200])); // after a short one: a new slot
+        frames.push((b, vec![4u8; 1200]));
+        frames.push((a.clone(), vec![5u8; 2000]));
+        tx.try_send(TransportEvent::Frames(frames)).unwrap();
+        tx.try_send(TransportEvent::Frames(vec![(a, vec![6u8; 100])])).unwrap();
+        let Poll::Ready(Ok(meta)) = poll_recv(&s, 8) else { panic!("nothing received") };
+        let shape: Vec<(u16, usize, usize)> = meta.iter().map(|m| (m.addr.port(), m.len, m.stride)).collect();
+        assert_eq!(shape, vec![(5000, 4100, 1200), (5000, 1200, 1200), (6000, 1200, 1200), (5000, 2000, 2000), (5000, 100, 100)]);
+        assert!(poll_recv(&s, 8).is_pending());
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_dropped_and_the_slots_stay_in_order() {
+        let (s, _mock, tx) = socket();
+        let a = LinkAddr::from(peer());
+        let frames = vec![(a.clone(), vec![1u8; 100]), (a.clone(), vec![2u8; 2000]), (a, vec![3u8; 50])];
+        tx.try_send(TransportEvent::Frames(frames)).unwrap();
+        let mut storage = vec![vec![0u8; 1500]; 4];
+        let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); 4];
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(Ok(n)) = s.poll_recv(&mut cx, &mut bufs, &mut meta) else { panic!("nothing received") };
+        assert_eq!((n, meta[0].len, meta[1].len), (2, 100, 50));
+        assert_eq!(s.dropped(), 1);
+    }
+
+    #[test]
+    fn a_closed_channel_ends_reception_quietly() {
+        let (s, _mock, tx) = socket();
+        drop(tx);
+        assert!(poll_recv(&s, 2).is_pending());
+        assert!(poll_recv(&s, 2).is_pending());
     }
 }

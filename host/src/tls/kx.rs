@@ -7,21 +7,23 @@
 //! [`SupportedKxGroup::start_and_complete`], which we override (the default, `start()` then
 //! `complete()`, is only right for Diffie-Hellman).
 //!
-//! Randomness comes from `getrandom` with a returned error (the crate's own `getrandom`
-//! feature would panic inside the crate if the OS RNG failed).
+//! The primitives come from the build's [`Backend`] (RustCrypto `ml-kem`, or aws-lc-rs with
+//! the `aws-lc` feature); [`MlKem768`] is the group over any backend, [`MlKem768Group`] the
+//! public one over the default backend.
 
-use ml_kem::array::Array;
-use ml_kem::ml_kem_768::{DecapsulationKey, EncapsulationKey};
-use ml_kem::{Decapsulate, KeyExport};
+use std::fmt;
+use std::marker::PhantomData;
+
 use rustls::crypto::{ActiveKeyExchange, CompletedKeyExchange, SharedSecret, SupportedKxGroup};
 use rustls::ffdhe_groups::FfdheGroup;
 use rustls::{Error, NamedGroup, PeerMisbehaved, ProtocolVersion};
-use zeroize::Zeroizing;
+
+use super::backend::{Backend, DefaultBackend, MLKEM768_CT_LEN, MLKEM768_EK_LEN};
 
 /// Bytes in an ML-KEM-768 encapsulation key: the client's key share.
-pub const MLKEM768_ENCAPSULATION_KEY_LEN: usize = 1184;
+pub const MLKEM768_ENCAPSULATION_KEY_LEN: usize = MLKEM768_EK_LEN;
 /// Bytes in an ML-KEM-768 ciphertext: the server's key share.
-pub const MLKEM768_CIPHERTEXT_LEN: usize = 1088;
+pub const MLKEM768_CIPHERTEXT_LEN: usize = MLKEM768_CT_LEN;
 
 /// The ML-KEM-768 key-exchange group (TLS 1.3 only). Use the [`MLKEM768`] static.
 #[derive(Debug)]
@@ -30,34 +32,58 @@ pub struct MlKem768Group;
 /// The only key-exchange group of [`super::provider`].
 pub static MLKEM768: MlKem768Group = MlKem768Group;
 
-fn invalid_share() -> Error {
+/// The error for a key share that is not a valid ML-KEM-768 key or ciphertext.
+pub(crate) fn invalid_share() -> Error {
     Error::PeerMisbehaved(PeerMisbehaved::InvalidKeyShare)
 }
 
-fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, Error> {
-    let mut out = Zeroizing::new([0u8; N]);
-    getrandom::getrandom(out.as_mut()).map_err(|_| Error::FailedToGetRandomBytes)?;
-    Ok(out)
+impl SupportedKxGroup for MlKem768Group {
+    fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
+        MlKem768::<DefaultBackend>::NEW.start()
+    }
+
+    fn start_and_complete(&self, client_share: &[u8]) -> Result<CompletedKeyExchange, Error> {
+        MlKem768::<DefaultBackend>::NEW.start_and_complete(client_share)
+    }
+
+    fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
+        None
+    }
+
+    fn name(&self) -> NamedGroup {
+        NamedGroup::MLKEM768
+    }
+
+    fn usable_for_version(&self, version: ProtocolVersion) -> bool {
+        version == ProtocolVersion::TLSv1_3
+    }
 }
 
-impl SupportedKxGroup for MlKem768Group {
+/// ML-KEM-768 over backend `B`.
+pub(crate) struct MlKem768<B>(PhantomData<fn() -> B>);
+
+impl<B> MlKem768<B> {
+    pub(crate) const NEW: Self = MlKem768(PhantomData);
+}
+
+impl<B: Backend> fmt::Debug for MlKem768<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MlKem768({})", B::NAME)
+    }
+}
+
+impl<B: Backend> SupportedKxGroup for MlKem768<B> {
     /// Client side: a fresh key pair; the encapsulation key is the key share.
     fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
-        let seed = random::<64>()?;
-        let dk = DecapsulationKey::from_seed(Array::from(*seed));
-        let ek = dk.encapsulation_key().to_bytes().to_vec();
-        Ok(Box::new(MlKem768Active { dk, ek }))
+        let (dk, ek) = B::mlkem768_generate()?;
+        Ok(Box::new(MlKem768Active::<B> { dk, ek }))
     }
 
     /// Server side: encapsulate to the client's share; the ciphertext is our share.
     fn start_and_complete(&self, client_share: &[u8]) -> Result<CompletedKeyExchange, Error> {
-        let bytes: &[u8; MLKEM768_ENCAPSULATION_KEY_LEN] = client_share.try_into().map_err(|_| invalid_share())?;
-        // `new` also performs the FIPS 203 §7.2 modulus check.
-        let ek = EncapsulationKey::new(&Array::from(*bytes)).map_err(|_| invalid_share())?;
-        let m = random::<32>()?;
-        let (ct, ss) = ek.encapsulate_deterministic(&Array::from(*m));
-        let ss = Zeroizing::new(ss);
-        Ok(CompletedKeyExchange { group: self.name(), pub_key: ct.to_vec(), secret: SharedSecret::from(&ss[..]) })
+        let ek: &[u8; MLKEM768_EK_LEN] = client_share.try_into().map_err(|_| invalid_share())?;
+        let (ct, secret) = B::mlkem768_encapsulate(ek)?;
+        Ok(CompletedKeyExchange { group: self.name(), pub_key: ct, secret })
     }
 
     fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
@@ -74,21 +100,18 @@ impl SupportedKxGroup for MlKem768Group {
 }
 
 /// A client's pending exchange: the decapsulation key (zeroized on drop) and its share.
-struct MlKem768Active {
-    dk: DecapsulationKey,
+struct MlKem768Active<B: Backend> {
+    dk: B::MlKemDecapsulationKey,
     ek: Vec<u8>,
 }
 
-impl ActiveKeyExchange for MlKem768Active {
+impl<B: Backend> ActiveKeyExchange for MlKem768Active<B> {
     /// `ciphertext` is the server's key share.
     fn complete(self: Box<Self>, ciphertext: &[u8]) -> Result<SharedSecret, Error> {
-        if ciphertext.len() != MLKEM768_CIPHERTEXT_LEN {
-            return Err(invalid_share());
-        }
+        let ct: &[u8; MLKEM768_CT_LEN] = ciphertext.try_into().map_err(|_| invalid_share())?;
         // A wrong-but-well-sized ciphertext yields a pseudo-random secret (implicit
         // rejection); the handshake then fails at Finished.
-        let ss = Zeroizing::new(self.dk.decapsulate_slice(ciphertext).map_err(|_| invalid_share())?);
-        Ok(SharedSecret::from(&ss[..]))
+        B::mlkem768_decapsulate(&self.dk, ct)
     }
 
     fn pub_key(&self) -> &[u8] {

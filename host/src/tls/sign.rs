@@ -3,58 +3,69 @@
 //!
 //! TLS 1.3 signs CertificateVerify with pure ML-DSA and the empty context string
 //! (draft-ietf-tls-mldsa): the message rustls hands over (64 spaces, the context label,
-//! 0x00, the transcript hash) is signed as-is.
+//! 0x00, the transcript hash) is signed as-is. The signature comes from the backend's key:
+//! `fips204` (a copy of the identity) in a normal build, aws-lc-rs (a key pair derived from
+//! the same seed ξ) with the `aws-lc` feature.
 
+use std::fmt;
 use std::sync::Arc;
 
+use super::backend::{Backend, DefaultBackend};
+use super::verify::spki_for;
+use super::TlsConfigError;
+use crate::identity::{Identity, PeerId};
 use rustls::pki_types::{CertificateDer, SubjectPublicKeyInfoDer};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
-use zeroize::Zeroizing;
-
-use super::verify::spki_for;
-use crate::identity::Identity;
 
 /// The ML-DSA context string of TLS handshake signatures (pure ML-DSA, empty context).
 pub(crate) const TLS_SIGNATURE_CONTEXT: &[u8] = b"";
 
-/// A copy of the node's identity held by a rustls config (configs outlive the borrow the
-/// builders take). Re-derived from the seed, so no private key bytes are copied around.
-pub(crate) fn own_copy(identity: &Identity) -> Arc<Identity> {
-    let mut seed = Zeroizing::new([0u8; 32]);
-    seed.copy_from_slice(identity.seed());
-    Arc::new(Identity::from_seed(seed))
+/// The identity as a rustls [`CertifiedKey`] over the default backend: the "certificate
+/// chain" is the one 1974-byte SPKI, the key signs with ML-DSA-65.
+pub(crate) fn certified_key(identity: &Identity) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+    certified_key_with::<DefaultBackend>(identity)
 }
 
-/// The identity as a rustls [`CertifiedKey`]: the "certificate chain" is the one 1974-byte
-/// SPKI, the key signs with ML-DSA-65.
-pub(crate) fn certified_key(identity: &Identity) -> Arc<CertifiedKey> {
-    certified_key_with_spki(own_copy(identity), spki_for(identity.public()))
+/// [`certified_key`] over backend `B`.
+pub(crate) fn certified_key_with<B: Backend>(identity: &Identity) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+    certified_key_with_spki::<B>(identity, spki_for(identity.public()))
 }
 
 /// A key that presents `spki` and signs with `identity`. Only [`certified_key`] pairs them
 /// correctly; tests use this to build a liar.
-pub(crate) fn certified_key_with_spki(identity: Arc<Identity>, spki: Vec<u8>) -> Arc<CertifiedKey> {
-    let key = Arc::new(MlDsaSigningKey { identity, spki: spki.clone() });
-    Arc::new(CertifiedKey::new(vec![CertificateDer::from(spki)], key))
+pub(crate) fn certified_key_with_spki<B: Backend>(
+    identity: &Identity,
+    spki: Vec<u8>,
+) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+    let key = Arc::new(MlDsaSigningKey::<B> {
+        key: Arc::new(B::mldsa65_key(identity)?),
+        peer_id: identity.peer_id(),
+        spki: spki.clone(),
+    });
+    Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(spki)], key)))
 }
 
 /// The node's ML-DSA-65 key as a [`SigningKey`]; offers only `ML_DSA_65` (0x0905).
-pub(crate) struct MlDsaSigningKey {
-    identity: Arc<Identity>,
+pub(crate) struct MlDsaSigningKey<B: Backend> {
+    key: Arc<B::MlDsaKey>,
+    peer_id: PeerId,
     spki: Vec<u8>,
 }
 
-impl std::fmt::Debug for MlDsaSigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MlDsaSigningKey").field("peer_id", &self.identity.peer_id()).finish_non_exhaustive()
+impl<B: Backend> fmt::Debug for MlDsaSigningKey<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MlDsaSigningKey")
+            .field("peer_id", &self.peer_id)
+            .field("backend", &B::NAME)
+            .finish_non_exhaustive()
     }
 }
 
-impl SigningKey for MlDsaSigningKey {
+impl<B: Backend> SigningKey for MlDsaSigningKey<B> {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
         if offered.contains(&SignatureScheme::ML_DSA_65) {
-            Some(Box::new(MlDsaSigner(self.identity.clone())))
+            Some(Box::new(MlDsaSigner::<B> { key: self.key.clone(), peer_id: self.peer_id }))
         } else {
             None
         }
@@ -71,20 +82,20 @@ impl SigningKey for MlDsaSigningKey {
     }
 }
 
-struct MlDsaSigner(Arc<Identity>);
+struct MlDsaSigner<B: Backend> {
+    key: Arc<B::MlDsaKey>,
+    peer_id: PeerId,
+}
 
-impl std::fmt::Debug for MlDsaSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("MlDsaSigner").field(&self.0.peer_id()).finish()
+impl<B: Backend> fmt::Debug for MlDsaSigner<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("MlDsaSigner").field(&self.peer_id).field(&B::NAME).finish()
     }
 }
 
-impl Signer for MlDsaSigner {
+impl<B: Backend> Signer for MlDsaSigner<B> {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.0
-            .sign(message, TLS_SIGNATURE_CONTEXT)
-            .map(|sig| sig.to_vec())
-            .map_err(|e| rustls::Error::General(format!("ML-DSA-65 signing failed: {e}")))
+        B::mldsa65_sign(&self.key, message)
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -96,11 +107,12 @@ impl Signer for MlDsaSigner {
 mod tests {
     use super::*;
     use crate::identity::{PublicIdentity, SIGNATURE_LEN};
+    use zeroize::Zeroizing;
 
     #[test]
     fn signs_only_ml_dsa_65_with_the_empty_context() {
         let id = Identity::from_seed(Zeroizing::new([3u8; 32]));
-        let ck = certified_key(&id);
+        let ck = certified_key(&id).unwrap();
         assert_eq!(ck.cert.len(), 1);
         assert_eq!(ck.cert[0].as_ref(), &spki_for(id.public())[..]);
         assert_eq!(ck.key.public_key().unwrap().as_ref(), ck.cert[0].as_ref());

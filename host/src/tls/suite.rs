@@ -1,7 +1,9 @@
-//! The one cipher suite, TLS13_AES_128_GCM_SHA256 (0x1301), built from RustCrypto crates:
-//! SHA-256 (`sha2`), HMAC-SHA256 (`hmac`, and HKDF on top of it via rustls'
-//! [`HkdfUsingHmac`]), AES-128-GCM (`aes-gcm`) for TLS records and QUIC packets, and
-//! AES-128 single-block encryption (`aes`) for QUIC header protection (RFC 9001 §5.4.3).
+//! The one cipher suite, TLS13_AES_128_GCM_SHA256 (0x1301), over the build's [`Backend`]:
+//! SHA-256, HMAC-SHA256 (HKDF on top of it via rustls' `HkdfUsingHmac`), AES-128-GCM for
+//! TLS records and QUIC packets, and AES-128 single-block encryption for QUIC header
+//! protection (RFC 9001 §5.4.3). RustCrypto (`sha2`, `hmac`, `aes-gcm`, `aes`) in a normal
+//! build, aws-lc-rs with the `aws-lc` feature; the framing around the primitives is here,
+//! once, for both.
 //!
 //! QUIC needs the suite's [`quic::Algorithm`] ([`QUIC_AES_128_GCM`]): rustls derives every
 //! QUIC packet and header-protection key through it, and [`quic_initial_suite`] gives the
@@ -10,42 +12,39 @@
 //! No `unwrap`: the few constructors that can fail in principle (a key of the wrong length,
 //! which rustls never passes) produce an object whose every operation returns an error.
 
-use aes::cipher::BlockEncrypt;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::Aes128Gcm;
-use hmac::{Hmac, Mac};
+use std::marker::PhantomData;
+
 use rustls::crypto::cipher::{
     make_tls13_aad, AeadKey, InboundOpaqueMessage, InboundPlainMessage, Iv, MessageDecrypter, MessageEncrypter, Nonce,
     OutboundOpaqueMessage, OutboundPlainMessage, PrefixedPayload, Tls13AeadAlgorithm, UnsupportedOperationError,
 };
-use rustls::crypto::tls13::HkdfUsingHmac;
-use rustls::crypto::{hash, hmac as rhmac, CipherSuiteCommon};
+use rustls::crypto::CipherSuiteCommon;
 use rustls::{quic, CipherSuite, ConnectionTrafficSecrets, ContentType, Error, ProtocolVersion, Tls13CipherSuite};
-use sha2::{Digest, Sha256};
 
-type GcmNonce = aes_gcm::Nonce<<Aes128Gcm as aes_gcm::AeadCore>::NonceSize>;
-type GcmTag = aes_gcm::Tag<<Aes128Gcm as aes_gcm::AeadCore>::TagSize>;
+use super::backend::{Backend, DefaultBackend, AES_128_KEY_LEN, GCM_TAG_LEN, HP_MASK_LEN, HP_SAMPLE_LEN};
 
-/// Bytes in an AES-128-GCM key.
-const KEY_LEN: usize = 16;
-/// Bytes in an AES-GCM tag.
-const TAG_LEN: usize = 16;
-/// Bytes of ciphertext sampled for QUIC header protection.
-const HP_SAMPLE_LEN: usize = 16;
+/// Records per key before a key update (same value as rustls' ring/aws-lc suites).
+const CONFIDENTIALITY_LIMIT: u64 = 1 << 24;
 
-/// TLS13_AES_128_GCM_SHA256 over RustCrypto, with its QUIC algorithm. The only suite of
-/// [`super::provider`].
-pub static TLS13_AES_128_GCM_SHA256: Tls13CipherSuite = Tls13CipherSuite {
-    common: CipherSuiteCommon {
-        suite: CipherSuite::TLS13_AES_128_GCM_SHA256,
-        hash_provider: &Sha256Hash,
-        // Records per key before a key update (same value as rustls' ring/aws-lc suites).
-        confidentiality_limit: 1 << 24,
-    },
-    hkdf_provider: &HkdfUsingHmac(&HmacSha256),
-    aead_alg: &Aes128GcmAead,
-    quic: Some(&QUIC_AES_128_GCM),
-};
+/// TLS13_AES_128_GCM_SHA256 over backend `$b`, with `$quic` as its QUIC algorithm.
+macro_rules! tls13_aes_128_gcm_sha256 {
+    ($b:ty, $quic:expr) => {
+        Tls13CipherSuite {
+            common: CipherSuiteCommon {
+                suite: CipherSuite::TLS13_AES_128_GCM_SHA256,
+                hash_provider: <$b as Backend>::SHA256,
+                confidentiality_limit: CONFIDENTIALITY_LIMIT,
+            },
+            hkdf_provider: <$b as Backend>::HKDF_SHA256,
+            aead_alg: &Aes128GcmAead::<$b>::NEW,
+            quic: Some($quic),
+        }
+    };
+}
+
+/// TLS13_AES_128_GCM_SHA256 with its QUIC algorithm, over the build's default backend. The
+/// only suite of [`super::provider`].
+pub static TLS13_AES_128_GCM_SHA256: Tls13CipherSuite = tls13_aes_128_gcm_sha256!(DefaultBackend, &QUIC_AES_128_GCM);
 
 /// The QUIC packet-protection algorithm of [`TLS13_AES_128_GCM_SHA256`]: AES-128-GCM
 /// packet keys and AES-128 header protection.
@@ -57,104 +56,36 @@ pub fn quic_initial_suite() -> quic::Suite {
     quic::Suite { suite: &TLS13_AES_128_GCM_SHA256, quic: &QUIC_AES_128_GCM }
 }
 
-// ---------------------------------------------------------------------------------------
-// SHA-256 and HMAC-SHA256
+/// The suite over the RustCrypto backend, when the default is aws-lc (`Primitives::RustCrypto`).
+#[cfg(feature = "aws-lc")]
+pub(crate) static RUSTCRYPTO_TLS13_AES_128_GCM_SHA256: Tls13CipherSuite =
+    tls13_aes_128_gcm_sha256!(super::rustcrypto::RustCrypto, &RUSTCRYPTO_QUIC_AES_128_GCM);
 
-/// SHA-256 for the TLS transcript.
-struct Sha256Hash;
-
-impl hash::Hash for Sha256Hash {
-    fn start(&self) -> Box<dyn hash::Context> {
-        Box::new(Sha256Context(Sha256::new()))
-    }
-
-    fn hash(&self, data: &[u8]) -> hash::Output {
-        hash::Output::new(&Sha256::digest(data)[..])
-    }
-
-    fn output_len(&self) -> usize {
-        32
-    }
-
-    fn algorithm(&self) -> hash::HashAlgorithm {
-        hash::HashAlgorithm::SHA256
-    }
-}
-
-struct Sha256Context(Sha256);
-
-impl hash::Context for Sha256Context {
-    fn fork_finish(&self) -> hash::Output {
-        hash::Output::new(&self.0.clone().finalize()[..])
-    }
-
-    fn fork(&self) -> Box<dyn hash::Context> {
-        Box::new(Sha256Context(self.0.clone()))
-    }
-
-    fn finish(self: Box<Self>) -> hash::Output {
-        hash::Output::new(&self.0.finalize()[..])
-    }
-
-    fn update(&mut self, data: &[u8]) {
-        self.0.update(data)
-    }
-}
-
-/// HMAC-SHA256; HKDF (RFC 5869) is built on it by rustls' `HkdfUsingHmac`.
-struct HmacSha256;
-
-impl rhmac::Hmac for HmacSha256 {
-    fn with_key(&self, key: &[u8]) -> Box<dyn rhmac::Key> {
-        // HMAC accepts keys of every length (longer ones are hashed), so this never fails;
-        // a failure would give a key whose tags never match anything.
-        Box::new(HmacSha256Key(<Hmac<Sha256> as Mac>::new_from_slice(key).ok()))
-    }
-
-    fn hash_output_len(&self) -> usize {
-        32
-    }
-}
-
-struct HmacSha256Key(Option<Hmac<Sha256>>);
-
-impl rhmac::Key for HmacSha256Key {
-    fn sign_concat(&self, first: &[u8], middle: &[&[u8]], last: &[u8]) -> rhmac::Tag {
-        let Some(mac) = &self.0 else {
-            return rhmac::Tag::new(&[0u8; 32]);
-        };
-        let mut mac = mac.clone();
-        mac.update(first);
-        for part in middle {
-            mac.update(part);
-        }
-        mac.update(last);
-        rhmac::Tag::new(&mac.finalize().into_bytes()[..])
-    }
-
-    fn tag_len(&self) -> usize {
-        32
-    }
-}
+#[cfg(feature = "aws-lc")]
+static RUSTCRYPTO_QUIC_AES_128_GCM: QuicAlgorithm<super::rustcrypto::RustCrypto> = QuicAlgorithm(PhantomData);
 
 // ---------------------------------------------------------------------------------------
 // TLS 1.3 record protection (RFC 8446 §5.2)
 
 /// AES-128-GCM for TLS 1.3 records. Over QUIC rustls still builds the record
 /// encrypter/decrypter but never uses them.
-struct Aes128GcmAead;
+pub(crate) struct Aes128GcmAead<B>(PhantomData<fn() -> B>);
 
-impl Tls13AeadAlgorithm for Aes128GcmAead {
+impl<B> Aes128GcmAead<B> {
+    pub(crate) const NEW: Self = Aes128GcmAead(PhantomData);
+}
+
+impl<B: Backend> Tls13AeadAlgorithm for Aes128GcmAead<B> {
     fn encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
-        Box::new(RecordCipher { aead: Aes128Gcm::new_from_slice(key.as_ref()).ok(), iv })
+        Box::new(RecordCipher::<B> { aead: B::aes128gcm_key(key.as_ref()), iv })
     }
 
     fn decrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageDecrypter> {
-        Box::new(RecordCipher { aead: Aes128Gcm::new_from_slice(key.as_ref()).ok(), iv })
+        Box::new(RecordCipher::<B> { aead: B::aes128gcm_key(key.as_ref()), iv })
     }
 
     fn key_len(&self) -> usize {
-        KEY_LEN
+        AES_128_KEY_LEN
     }
 
     fn extract_keys(&self, key: AeadKey, iv: Iv) -> Result<ConnectionTrafficSecrets, UnsupportedOperationError> {
@@ -163,12 +94,12 @@ impl Tls13AeadAlgorithm for Aes128GcmAead {
 }
 
 /// `aead` is `None` only if rustls passed a key of the wrong length; then every call fails.
-struct RecordCipher {
-    aead: Option<Aes128Gcm>,
+struct RecordCipher<B: Backend> {
+    aead: Option<B::Aes128Gcm>,
     iv: Iv,
 }
 
-impl MessageEncrypter for RecordCipher {
+impl<B: Backend> MessageEncrypter for RecordCipher<B> {
     fn encrypt(&mut self, msg: OutboundPlainMessage<'_>, seq: u64) -> Result<OutboundOpaqueMessage, Error> {
         let aead = self.aead.as_ref().ok_or(Error::EncryptError)?;
         let total_len = self.encrypted_payload_len(msg.payload.len());
@@ -176,30 +107,31 @@ impl MessageEncrypter for RecordCipher {
         payload.extend_from_chunks(&msg.payload);
         payload.extend_from_slice(&msg.typ.to_array());
         let nonce = Nonce::new(&self.iv, seq).0;
-        let tag = aead
-            .encrypt_in_place_detached(GcmNonce::from_slice(&nonce), &make_tls13_aad(total_len), payload.as_mut())
-            .map_err(|_| Error::EncryptError)?;
+        let tag =
+            B::aes128gcm_seal(aead, &nonce, &make_tls13_aad(total_len), payload.as_mut()).ok_or(Error::EncryptError)?;
         payload.extend_from_slice(&tag);
         // All TLS 1.3 protected records carry the legacy version 0x0303 (RFC 8446 §5.1).
         Ok(OutboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, payload))
     }
 
     fn encrypted_payload_len(&self, payload_len: usize) -> usize {
-        payload_len + 1 + TAG_LEN
+        payload_len + 1 + GCM_TAG_LEN
     }
 }
 
-impl MessageDecrypter for RecordCipher {
+impl<B: Backend> MessageDecrypter for RecordCipher<B> {
     fn decrypt<'a>(&mut self, mut msg: InboundOpaqueMessage<'a>, seq: u64) -> Result<InboundPlainMessage<'a>, Error> {
         let aead = self.aead.as_ref().ok_or(Error::DecryptError)?;
         let payload = &mut msg.payload;
         let len = payload.len();
-        let plain_len = len.checked_sub(TAG_LEN).ok_or(Error::DecryptError)?;
+        let plain_len = len.checked_sub(GCM_TAG_LEN).ok_or(Error::DecryptError)?;
         let aad = make_tls13_aad(len);
         let nonce = Nonce::new(&self.iv, seq).0;
         let (ciphertext, tag) = payload.split_at_mut(plain_len);
-        aead.decrypt_in_place_detached(GcmNonce::from_slice(&nonce), &aad, ciphertext, GcmTag::from_slice(tag))
-            .map_err(|_| Error::DecryptError)?;
+        let tag: &[u8; GCM_TAG_LEN] = (&*tag).try_into().map_err(|_| Error::DecryptError)?;
+        if !B::aes128gcm_open(aead, &nonce, &aad, ciphertext, tag) {
+            return Err(Error::DecryptError);
+        }
         payload.truncate(plain_len);
         msg.into_tls13_unpadded_message()
     }
@@ -208,50 +140,67 @@ impl MessageDecrypter for RecordCipher {
 // ---------------------------------------------------------------------------------------
 // QUIC packet protection (RFC 9001 §5.3) and header protection (§5.4)
 
-/// AES-128-GCM packet protection with AES-128 header protection. Use the
-/// [`QUIC_AES_128_GCM`] static.
+/// AES-128-GCM packet protection with AES-128 header protection, over the build's default
+/// backend. Use the [`QUIC_AES_128_GCM`] static.
 #[derive(Debug)]
 pub struct QuicAes128Gcm;
 
 impl quic::Algorithm for QuicAes128Gcm {
     fn packet_key(&self, key: AeadKey, iv: Iv) -> Box<dyn quic::PacketKey> {
-        Box::new(QuicPacketKey { aead: Aes128Gcm::new_from_slice(key.as_ref()).ok(), iv })
+        QuicAlgorithm::<DefaultBackend>(PhantomData).packet_key(key, iv)
     }
 
     fn header_protection_key(&self, key: AeadKey) -> Box<dyn quic::HeaderProtectionKey> {
-        Box::new(QuicHeaderKey(aes::Aes128::new_from_slice(key.as_ref()).ok()))
+        QuicAlgorithm::<DefaultBackend>(PhantomData).header_protection_key(key)
     }
 
     fn aead_key_len(&self) -> usize {
-        KEY_LEN
+        AES_128_KEY_LEN
     }
 }
 
-struct QuicPacketKey {
-    aead: Option<Aes128Gcm>,
+/// [`QuicAes128Gcm`] over backend `B`.
+pub(crate) struct QuicAlgorithm<B>(PhantomData<fn() -> B>);
+
+impl<B: Backend> quic::Algorithm for QuicAlgorithm<B> {
+    fn packet_key(&self, key: AeadKey, iv: Iv) -> Box<dyn quic::PacketKey> {
+        Box::new(QuicPacketKey::<B> { aead: B::aes128gcm_key(key.as_ref()), iv })
+    }
+
+    fn header_protection_key(&self, key: AeadKey) -> Box<dyn quic::HeaderProtectionKey> {
+        Box::new(QuicHeaderKey::<B>(B::aes128_key(key.as_ref())))
+    }
+
+    fn aead_key_len(&self) -> usize {
+        AES_128_KEY_LEN
+    }
+}
+
+struct QuicPacketKey<B: Backend> {
+    aead: Option<B::Aes128Gcm>,
     iv: Iv,
 }
 
-impl QuicPacketKey {
+impl<B: Backend> QuicPacketKey<B> {
     fn seal(&self, nonce: [u8; 12], header: &[u8], payload: &mut [u8]) -> Result<quic::Tag, Error> {
         let aead = self.aead.as_ref().ok_or(Error::EncryptError)?;
-        let tag = aead
-            .encrypt_in_place_detached(GcmNonce::from_slice(&nonce), header, payload)
-            .map_err(|_| Error::EncryptError)?;
+        let tag = B::aes128gcm_seal(aead, &nonce, header, payload).ok_or(Error::EncryptError)?;
         Ok(quic::Tag::from(&tag[..]))
     }
 
     fn open<'a>(&self, nonce: [u8; 12], header: &[u8], payload: &'a mut [u8]) -> Result<&'a [u8], Error> {
         let aead = self.aead.as_ref().ok_or(Error::DecryptError)?;
-        let plain_len = payload.len().checked_sub(TAG_LEN).ok_or(Error::DecryptError)?;
+        let plain_len = payload.len().checked_sub(GCM_TAG_LEN).ok_or(Error::DecryptError)?;
         let (ciphertext, tag) = payload.split_at_mut(plain_len);
-        aead.decrypt_in_place_detached(GcmNonce::from_slice(&nonce), header, ciphertext, GcmTag::from_slice(tag))
-            .map_err(|_| Error::DecryptError)?;
+        let tag: &[u8; GCM_TAG_LEN] = (&*tag).try_into().map_err(|_| Error::DecryptError)?;
+        if !B::aes128gcm_open(aead, &nonce, header, ciphertext, tag) {
+            return Err(Error::DecryptError);
+        }
         Ok(&payload[..plain_len])
     }
 }
 
-impl quic::PacketKey for QuicPacketKey {
+impl<B: Backend> quic::PacketKey for QuicPacketKey<B> {
     fn encrypt_in_place(&self, packet_number: u64, header: &[u8], payload: &mut [u8]) -> Result<quic::Tag, Error> {
         self.seal(Nonce::new(&self.iv, packet_number).0, header, payload)
     }
@@ -286,7 +235,7 @@ impl quic::PacketKey for QuicPacketKey {
     }
 
     fn tag_len(&self) -> usize {
-        TAG_LEN
+        GCM_TAG_LEN
     }
 
     /// RFC 9001 §6.6 / §B.1.1.
@@ -301,18 +250,18 @@ impl quic::PacketKey for QuicPacketKey {
 }
 
 /// AES-128 header protection: mask = AES-ECB(hp_key, sample).
-struct QuicHeaderKey(Option<aes::Aes128>);
+struct QuicHeaderKey<B: Backend>(Option<B::Aes128>);
 
-impl QuicHeaderKey {
+impl<B: Backend> QuicHeaderKey<B> {
     /// RFC 9001 §5.4.1 "Header Protection Application", as rustls' ring backend does it.
     /// `first` and `packet_number` are unchanged when an error is returned.
     fn xor_in_place(&self, sample: &[u8], first: &mut u8, packet_number: &mut [u8], masked: bool) -> Result<(), Error> {
-        let aes = self.0.as_ref().ok_or_else(|| Error::General("invalid header protection key".into()))?;
+        let key = self.0.as_ref().ok_or_else(|| Error::General("invalid header protection key".into()))?;
         let sample: &[u8; HP_SAMPLE_LEN] =
             sample.try_into().map_err(|_| Error::General("sample of invalid length".into()))?;
-        let mut block = aes::Block::from(*sample);
-        aes.encrypt_block(&mut block);
-        let (first_mask, pn_mask) = (block[0], &block[1..5]);
+        let mask: [u8; HP_MASK_LEN] =
+            B::header_mask(key, sample).ok_or_else(|| Error::General("header protection failed".into()))?;
+        let (first_mask, pn_mask) = (mask[0], &mask[1..]);
         if packet_number.len() > pn_mask.len() {
             return Err(Error::General("packet number too long".into()));
         }
@@ -329,7 +278,7 @@ impl QuicHeaderKey {
     }
 }
 
-impl quic::HeaderProtectionKey for QuicHeaderKey {
+impl<B: Backend> quic::HeaderProtectionKey for QuicHeaderKey<B> {
     fn encrypt_in_place(&self, sample: &[u8], first: &mut u8, packet_number: &mut [u8]) -> Result<(), Error> {
         self.xor_in_place(sample, first, packet_number, false)
     }
@@ -348,8 +297,6 @@ mod tests {
     //! Known answers from RFC 9001 Appendix A (QUIC v1, client DCID 8394c8f03e515708).
 
     use super::*;
-    use rustls::crypto::hash::Hash as _;
-    use rustls::crypto::hmac::Hmac as _;
     use rustls::Side;
 
     const DCID: [u8; 8] = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
@@ -429,19 +376,29 @@ mod tests {
     }
 
     #[test]
-    fn sha256_and_hmac_known_answers() {
-        // FIPS 180-2 "abc" and RFC 4231 test case 2.
+    fn sha256_hmac_and_hkdf_known_answers() {
+        // FIPS 180-2 "abc" and RFC 4231 test case 2, on the suite's own hash and HKDF.
+        let sha256 = TLS13_AES_128_GCM_SHA256.common.hash_provider;
         assert_eq!(
-            Sha256Hash.hash(b"abc").as_ref(),
+            sha256.hash(b"abc").as_ref(),
             &hex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")[..]
         );
-        let mut ctx = Sha256Hash.start();
+        let mut ctx = sha256.start();
         ctx.update(b"a");
         let fork = ctx.fork();
         ctx.update(b"bc");
-        assert_eq!(ctx.fork_finish().as_ref(), Sha256Hash.hash(b"abc").as_ref());
-        assert_eq!(fork.finish().as_ref(), Sha256Hash.hash(b"a").as_ref());
-        let tag = HmacSha256.with_key(b"Jefe").sign_concat(b"what do ya want ", &[b"for "], b"nothing?");
-        assert_eq!(tag.as_ref(), &hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")[..]);
+        assert_eq!(ctx.fork_finish().as_ref(), sha256.hash(b"abc").as_ref());
+        assert_eq!(fork.finish().as_ref(), sha256.hash(b"a").as_ref());
+        let hkdf = TLS13_AES_128_GCM_SHA256.hkdf_provider;
+        let hmac = hkdf.hmac_sign(&rustls::crypto::tls13::OkmBlock::new(b"Jefe"), b"what do ya want for nothing?");
+        assert_eq!(hmac.as_ref(), &hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")[..]);
+        // RFC 5869 A.1 (HKDF-SHA256, test case 1).
+        let salt = hex("000102030405060708090a0b0c");
+        let okm_expected = hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865");
+        let mut okm = [0u8; 42];
+        hkdf.extract_from_secret(Some(&salt), &[0x0b; 22])
+            .expand_slice(&[&hex("f0f1f2f3f4f5f6f7f8f9")], &mut okm)
+            .unwrap();
+        assert_eq!(&okm[..], &okm_expected[..]);
     }
 }

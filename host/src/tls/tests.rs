@@ -16,6 +16,10 @@ use zeroize::Zeroizing;
 
 use super::*;
 
+/// aws-lc-rs against RustCrypto: the same wire format (feature `aws-lc`).
+#[cfg(all(test, feature = "aws-lc"))]
+mod cross_check;
+
 fn identity(seed: u8) -> Identity {
     Identity::from_seed(Zeroizing::new([seed; 32]))
 }
@@ -282,13 +286,13 @@ impl ClientCertVerifier for Recording<verify::ClientKeyVerifier> {
 fn both_certificate_verifies_are_mldsa65_and_other_schemes_are_refused() {
     let schemes = Arc::new(Mutex::new(Vec::new()));
     let client = build_client_config(
-        sign::certified_key(&identity(1)),
-        Arc::new(Recording { inner: verify::ServerKeyVerifier { expected: None }, schemes: schemes.clone() }),
+        sign::certified_key(&identity(1)).unwrap(),
+        Arc::new(Recording { inner: verify::ServerKeyVerifier::new(None), schemes: schemes.clone() }),
     )
     .unwrap();
     let server = build_server_config(
-        sign::certified_key(&identity(2)),
-        Arc::new(Recording { inner: verify::ClientKeyVerifier, schemes: schemes.clone() }),
+        sign::certified_key(&identity(2)).unwrap(),
+        Arc::new(Recording { inner: verify::ClientKeyVerifier::default(), schemes: schemes.clone() }),
     )
     .unwrap();
     let (mut client, mut server) = connect(client, server);
@@ -297,10 +301,10 @@ fn both_certificate_verifies_are_mldsa65_and_other_schemes_are_refused() {
     assert_eq!(*schemes.lock().unwrap(), vec![SignatureScheme::ML_DSA_65; 2]);
 
     // Both verifiers advertise only 0x0905 (ClientHello and CertificateRequest).
-    let server_verifier = verify::ServerKeyVerifier { expected: None };
+    let server_verifier = verify::ServerKeyVerifier::new(None);
     assert_eq!(ServerCertVerifier::supported_verify_schemes(&server_verifier), vec![SignatureScheme::ML_DSA_65]);
     assert_eq!(
-        ClientCertVerifier::supported_verify_schemes(&verify::ClientKeyVerifier),
+        ClientCertVerifier::supported_verify_schemes(&verify::ClientKeyVerifier::default()),
         vec![SignatureScheme::ML_DSA_65]
     );
     assert_eq!(u16::from(SignatureScheme::ML_DSA_65), 0x0905);
@@ -327,7 +331,7 @@ fn both_certificate_verifies_are_mldsa65_and_other_schemes_are_refused() {
             "{other:#06x}"
         );
         assert!(ClientCertVerifier::verify_tls13_signature(
-            &verify::ClientKeyVerifier,
+            &verify::ClientKeyVerifier::default(),
             message,
             &cert,
             &dss(other, &signature)
@@ -340,7 +344,7 @@ fn both_certificate_verifies_are_mldsa65_and_other_schemes_are_refused() {
         ServerCertVerifier::verify_tls13_signature(&server_verifier, message, &cert, &dss(0x0905, &forged)).is_err()
     );
     assert!(ClientCertVerifier::verify_tls13_signature(
-        &verify::ClientKeyVerifier,
+        &verify::ClientKeyVerifier::default(),
         b"other",
         &cert,
         &dss(0x0905, &signature)
@@ -375,8 +379,8 @@ fn server_presenting_someone_elses_key_fails() {
     let victim = identity(2);
     let mallory = identity(66);
     // Mallory shows Bob's SPKI but can only sign with her own key.
-    let liar = sign::certified_key_with_spki(sign::own_copy(&mallory), spki_for(victim.public()));
-    let server = build_server_config(liar, Arc::new(verify::ClientKeyVerifier)).unwrap();
+    let liar = sign::certified_key_with_spki::<backend::DefaultBackend>(&mallory, spki_for(victim.public())).unwrap();
+    let server = build_server_config(liar, Arc::new(verify::ClientKeyVerifier::default())).unwrap();
     for expected in [None, Some(victim.peer_id())] {
         let (mut client, mut server) = connect(client_config(&identity(1), expected).unwrap(), server.clone());
         let out = pump(&mut client, &mut server);
@@ -390,8 +394,8 @@ fn server_presenting_someone_elses_key_fails() {
 fn client_presenting_someone_elses_key_fails() {
     let victim = identity(1);
     let mallory = identity(66);
-    let liar = sign::certified_key_with_spki(sign::own_copy(&mallory), spki_for(victim.public()));
-    let client = build_client_config(liar, Arc::new(verify::ServerKeyVerifier { expected: None })).unwrap();
+    let liar = sign::certified_key_with_spki::<backend::DefaultBackend>(&mallory, spki_for(victim.public())).unwrap();
+    let client = build_client_config(liar, Arc::new(verify::ServerKeyVerifier::new(None))).unwrap();
     let (mut client, mut server) = connect(client, server_config(&identity(2)).unwrap());
     let out = pump(&mut client, &mut server);
     assert_eq!(out.server, Some(Error::InvalidCertificate(CertificateError::BadSignature)));
@@ -411,15 +415,15 @@ fn malformed_spkis_are_refused_with_typed_errors() {
     for (spki, want) in
         [(wrong_oid.clone(), SpkiError::Algorithm), (short.clone(), SpkiError::Length { len: SPKI_LEN - 1 })]
     {
-        let key = sign::certified_key_with_spki(sign::own_copy(&id), spki);
-        let server = build_server_config(key, Arc::new(verify::ClientKeyVerifier)).unwrap();
+        let key = sign::certified_key_with_spki::<backend::DefaultBackend>(&id, spki).unwrap();
+        let server = build_server_config(key, Arc::new(verify::ClientKeyVerifier::default())).unwrap();
         let (mut client, mut server) = connect(client_config(&identity(1), None).unwrap(), server);
         let out = pump(&mut client, &mut server);
         assert_eq!(peer_verify_error(&out.client.unwrap()), Some(&PeerVerifyError::Spki(want)));
     }
     // As a client key.
-    let key = sign::certified_key_with_spki(sign::own_copy(&id), wrong_oid);
-    let client = build_client_config(key, Arc::new(verify::ServerKeyVerifier { expected: None })).unwrap();
+    let key = sign::certified_key_with_spki::<backend::DefaultBackend>(&id, wrong_oid).unwrap();
+    let client = build_client_config(key, Arc::new(verify::ServerKeyVerifier::new(None))).unwrap();
     let (mut client, mut server) = connect(client, server_config(&identity(3)).unwrap());
     let out = pump(&mut client, &mut server);
     assert_eq!(peer_verify_error(&out.server.unwrap()), Some(&PeerVerifyError::Spki(SpkiError::Algorithm)));
@@ -431,7 +435,7 @@ fn server_requires_a_client_key() {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verify::ServerKeyVerifier { expected: None }))
+        .with_custom_certificate_verifier(Arc::new(verify::ServerKeyVerifier::new(None)))
         .with_no_client_auth();
     let (mut client, mut server) = connect(client, server_config(&identity(2)).unwrap());
     let out = pump(&mut client, &mut server);
@@ -502,7 +506,7 @@ fn classical_only_client_is_refused() {
 fn client_without_mldsa65_is_refused() {
     // ML-KEM-768 in common, but the client accepts only Ed25519 signatures.
     let client = build_client_config(
-        sign::certified_key(&identity(1)),
+        sign::certified_key(&identity(1)).unwrap(),
         Arc::new(AcceptAnything(vec![SignatureScheme::ED25519])),
     )
     .unwrap();

@@ -14,6 +14,8 @@
 //! id-ml-dsa-65 is OID 2.16.840.1.101.3.4.3.18 (RFC 9881). The same bytes come out of
 //! `rustls::sign::public_key_to_spki` and ant-quic's `create_subject_public_key_info`.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -25,7 +27,7 @@ use rustls::pki_types::{
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme};
 
-use super::sign::TLS_SIGNATURE_CONTEXT;
+use super::backend::{Backend, DefaultBackend};
 use crate::identity::{PeerId, PublicIdentity, PUBLIC_KEY_LEN};
 
 /// Bytes in the DER SubjectPublicKeyInfo of an ML-DSA-65 key.
@@ -152,14 +154,27 @@ pub fn peer_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Result
 // ---------------------------------------------------------------------------------------
 // Signature verification
 
-/// ML-DSA-65 (pure, empty context) as a webpki signature verification algorithm.
-#[derive(Debug)]
-struct MlDsa65Verify;
+/// ML-DSA-65 (pure, empty context) over backend `B` as a webpki signature verification
+/// algorithm.
+pub(crate) struct MlDsa65Verify<B>(PhantomData<fn() -> B>);
 
-impl SignatureVerificationAlgorithm for MlDsa65Verify {
+impl<B> MlDsa65Verify<B> {
+    pub(crate) const NEW: Self = MlDsa65Verify(PhantomData);
+}
+
+impl<B: Backend> fmt::Debug for MlDsa65Verify<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MlDsa65Verify({})", B::NAME)
+    }
+}
+
+impl<B: Backend> SignatureVerificationAlgorithm for MlDsa65Verify<B> {
     fn verify_signature(&self, public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), InvalidSignature> {
-        let key = PublicIdentity::from_bytes(public_key).map_err(|_| InvalidSignature)?;
-        key.verify(message, signature, TLS_SIGNATURE_CONTEXT).map_err(|_| InvalidSignature)
+        if B::mldsa65_verify(public_key, message, signature) {
+            Ok(())
+        } else {
+            Err(InvalidSignature)
+        }
     }
 
     fn public_key_alg_id(&self) -> AlgorithmIdentifier {
@@ -171,10 +186,24 @@ impl SignatureVerificationAlgorithm for MlDsa65Verify {
     }
 }
 
+/// ML-DSA-65 (scheme 0x0905) and nothing else, over backend `$b`.
+macro_rules! ml_dsa_65_algorithms {
+    ($b:ty) => {
+        WebPkiSupportedAlgorithms {
+            all: &[&MlDsa65Verify::<$b>::NEW],
+            mapping: &[(SignatureScheme::ML_DSA_65, &[&MlDsa65Verify::<$b>::NEW])],
+        }
+    };
+}
+
 /// The provider's signature verification algorithms: ML-DSA-65 (scheme 0x0905) and
-/// nothing else.
-pub static ML_DSA_65_ALGORITHMS: WebPkiSupportedAlgorithms =
-    WebPkiSupportedAlgorithms { all: &[&MlDsa65Verify], mapping: &[(SignatureScheme::ML_DSA_65, &[&MlDsa65Verify])] };
+/// nothing else, over the build's default backend.
+pub static ML_DSA_65_ALGORITHMS: WebPkiSupportedAlgorithms = ml_dsa_65_algorithms!(DefaultBackend);
+
+/// The same over the RustCrypto backend, when the default is aws-lc (`Primitives::RustCrypto`).
+#[cfg(feature = "aws-lc")]
+pub(crate) static RUSTCRYPTO_ML_DSA_65_ALGORITHMS: WebPkiSupportedAlgorithms =
+    ml_dsa_65_algorithms!(super::rustcrypto::RustCrypto);
 
 /// The one scheme offered and accepted, in ClientHello and CertificateRequest alike.
 pub(crate) fn supported_schemes() -> Vec<SignatureScheme> {
@@ -197,16 +226,12 @@ fn verify_handshake_signature(
     message: &[u8],
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
+    algorithms: &WebPkiSupportedAlgorithms,
 ) -> Result<HandshakeSignatureValid, Error> {
     // Parsed by us first (strict, typed errors), then rustls maps the scheme: anything but
     // ML_DSA_65 is `SignedHandshakeWithUnadvertisedSigScheme`.
     public_identity_from_spki(cert.as_ref()).map_err(PeerVerifyError::from)?;
-    verify_tls13_signature_with_raw_key(
-        message,
-        &SubjectPublicKeyInfoDer::from(cert.as_ref()),
-        dss,
-        &ML_DSA_65_ALGORITHMS,
-    )
+    verify_tls13_signature_with_raw_key(message, &SubjectPublicKeyInfoDer::from(cert.as_ref()), dss, algorithms)
 }
 
 /// Unreachable: TLS 1.2 is not compiled in (rustls without `tls12`).
@@ -220,6 +245,15 @@ fn tls12_refused() -> Error {
 #[derive(Debug)]
 pub(crate) struct ServerKeyVerifier {
     pub(crate) expected: Option<PeerId>,
+    /// CertificateVerify: [`ML_DSA_65_ALGORITHMS`] unless another backend was chosen.
+    pub(crate) algorithms: &'static WebPkiSupportedAlgorithms,
+}
+
+impl ServerKeyVerifier {
+    /// Over the default backend.
+    pub(crate) fn new(expected: Option<PeerId>) -> Self {
+        ServerKeyVerifier { expected, algorithms: &ML_DSA_65_ALGORITHMS }
+    }
 }
 
 impl ServerCertVerifier for ServerKeyVerifier {
@@ -255,7 +289,7 @@ impl ServerCertVerifier for ServerKeyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_handshake_signature(message, cert, dss)
+        verify_handshake_signature(message, cert, dss, self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -270,7 +304,17 @@ impl ServerCertVerifier for ServerKeyVerifier {
 /// The server's view of the client: client authentication is mandatory, by an ML-DSA-65
 /// raw public key (`client_certificate_type` = RawPublicKey is required).
 #[derive(Debug)]
-pub(crate) struct ClientKeyVerifier;
+pub(crate) struct ClientKeyVerifier {
+    /// CertificateVerify: [`ML_DSA_65_ALGORITHMS`] unless another backend was chosen.
+    pub(crate) algorithms: &'static WebPkiSupportedAlgorithms,
+}
+
+impl Default for ClientKeyVerifier {
+    /// Over the default backend.
+    fn default() -> Self {
+        ClientKeyVerifier { algorithms: &ML_DSA_65_ALGORITHMS }
+    }
+}
 
 impl ClientCertVerifier for ClientKeyVerifier {
     fn offer_client_auth(&self) -> bool {
@@ -310,7 +354,7 @@ impl ClientCertVerifier for ClientKeyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_handshake_signature(message, cert, dss)
+        verify_handshake_signature(message, cert, dss, self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -379,7 +423,7 @@ mod tests {
         let e: Error = PeerVerifyError::Chain { extra: 2 }.into();
         assert_eq!(peer_verify_error(&e), Some(&PeerVerifyError::Chain { extra: 2 }));
         assert_eq!(peer_verify_error(&Error::DecryptError), None);
-        let verifier = ServerKeyVerifier { expected: None };
+        let verifier = ServerKeyVerifier::new(None);
         let spki = CertificateDer::from(spki_for(identity(1).public()));
         let err = verifier
             .verify_server_cert(

@@ -1,10 +1,15 @@
 //! The UDP transport plugin: datagrams over one IPv4 or IPv6 socket, optional broadcast.
 //!
-//! One I/O thread per instance runs a `mio` loop over the socket and a waker. `send` only
-//! copies the datagram into a bounded [`Outbox`]; the loop drains it into the socket and
-//! parks on the socket's writability when the kernel pushes back, so backpressure from the
-//! kernel or from a full queue reaches the host as `WouldBlock` followed by `writable`.
-//! Inbound datagrams are handed to the host in batches of up to [`RECV_BATCH`].
+//! One I/O thread per instance runs a `mio` loop over the socket and a waker. `send` and
+//! `send_batch` only copy the datagrams into a bounded [`SendQueue`] (a batch for one
+//! destination becomes one run: one buffer, one lock, at most one wake); the loop drains it
+//! into the socket with `sendmmsg`, a run of equal-size datagrams as one segmentation
+//! offload send (`UDP_SEGMENT`) where the kernel has it, and parks on the socket's
+//! writability when the kernel pushes back, so backpressure from the kernel or from a full
+//! queue reaches the host as `WouldBlock` followed by `writable`. Inbound datagrams are read
+//! with `recvmmsg` (with receive offload, `UDP_GRO`, a train of datagrams per slot) and
+//! handed to the host one call's worth per `deliver`. See [`batch`] for the system calls
+//! and their portable fallback.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV6};
@@ -13,24 +18,31 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use antmesh_plugin_api::abi_stable::std_types::RSlice;
+use antmesh_plugin_api::abi_stable::std_types::{RNone, ROption, RSlice};
 use antmesh_plugin_api::{
-    export::parse_config, Capabilities, Duplex, Framing, Host, InFrame, LatencyClass, LinkAddr, PluginError,
-    Reliability, SendError, Transport, TransportAddr,
+    export::parse_config, BatchResult, Capabilities, Duplex, Framing, Host, InFrame, LatencyClass, LinkAddr,
+    OutFrame, PluginError, Reliability, SendError, Transport, TransportAddr,
 };
-use antmesh_plugin_kit::Outbox;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde::Deserialize;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 // The export attribute expands to paths under `::abi_stable`.
 use abi_stable as _;
 
-/// Datagrams handed to the host per `deliver` call.
-pub const RECV_BATCH: usize = 64;
-/// Receive batches per loop turn before sending and the stop flag get their turn.
+mod batch;
+mod queue;
+
+use batch::{Got, OutMsg, Receiver, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, MAX_IOVS, MAX_MSGS};
+use queue::{Run, SendQueue};
+
+/// Receive calls per loop turn before sending and the stop flag get their turn.
 const RECV_TURN: usize = 4;
+/// Datagrams taken from the queue per drain.
+const SEND_DRAIN: usize = 256;
+/// Drains per loop turn before receiving and the stop flag get their turn.
+const SEND_TURN: usize = 8;
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
@@ -51,6 +63,26 @@ fn default_mtu() -> u32 {
 fn default_queue() -> usize {
     4096
 }
+fn default_offload() -> bool {
+    true
+}
+fn default_recv_buffer() -> Option<usize> {
+    Some(DEFAULT_RECV_BUFFER)
+}
+fn default_dont_fragment() -> bool {
+    true
+}
+fn default_sched_batch() -> bool {
+    // Off by default: it trades up to a scheduler slice of latency under load for fewer
+    // context switches, which bulk relays want and interactive nodes may not.
+    false
+}
+
+/// SO_RCVBUF asked for by default. The I/O thread is one more scheduling hop between the
+/// kernel and the consumer than a socket read in place, and a bulk sender fills the
+/// kernel's default (~208 KiB) while it waits for a core: every overflow is a loss, and a
+/// congestion response. The kernel caps the request at `net.core.rmem_max`.
+pub const DEFAULT_RECV_BUFFER: usize = 1 << 20;
 
 /// Instance configuration (RON).
 #[derive(Debug, Clone, Deserialize)]
@@ -68,12 +100,26 @@ pub struct Config {
     /// Outbound queue capacity in datagrams.
     #[serde(default = "default_queue")]
     pub queue_frames: usize,
-    /// SO_RCVBUF in bytes (kernel default when absent).
-    #[serde(default)]
+    /// SO_RCVBUF in bytes ([`DEFAULT_RECV_BUFFER`] unless given; `None`: the kernel's default).
+    #[serde(default = "default_recv_buffer")]
     pub recv_buffer: Option<usize>,
     /// SO_SNDBUF in bytes (kernel default when absent).
     #[serde(default)]
     pub send_buffer: Option<usize>,
+    /// Use the kernel's UDP segmentation and receive offloads (GSO/GRO) where it has them.
+    #[serde(default = "default_offload")]
+    pub offload: bool,
+    /// Send with the don't-fragment bit (Linux: `IP_PMTUDISC_PROBE`): a datagram larger than
+    /// the path MTU is lost instead of fragmented, which QUIC's path MTU discovery relies
+    /// on. Off: the kernel fragments.
+    #[serde(default = "default_dont_fragment")]
+    pub dont_fragment: bool,
+    /// Run the I/O thread under `SCHED_BATCH` (Linux): its wakeups do not preempt a busy
+    /// core, so it runs a moment later and handles more datagrams per wakeup. Same CPU
+    /// share as before; under CPU contention a datagram may wait up to a scheduler slice
+    /// (about a millisecond) for the thread, on an idle core nothing changes.
+    #[serde(default = "default_sched_batch")]
+    pub sched_batch: bool,
 }
 
 impl Default for Config {
@@ -83,8 +129,11 @@ impl Default for Config {
             broadcast: None,
             mtu: default_mtu(),
             queue_frames: default_queue(),
-            recv_buffer: None,
+            recv_buffer: default_recv_buffer(),
             send_buffer: None,
+            offload: default_offload(),
+            dont_fragment: default_dont_fragment(),
+            sched_batch: default_sched_batch(),
         }
     }
 }
@@ -110,7 +159,7 @@ pub struct UdpTransport {
     caps: Capabilities,
     local: SocketAddr,
     broadcast: Option<SocketAddr>,
-    outbox: Arc<Outbox<(SocketAddr, Vec<u8>)>>,
+    queue: Arc<SendQueue>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -149,6 +198,10 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
     let std_sock: std::net::UdpSocket = sock.into();
     let local = std_sock.local_addr().map_err(io_err(&bind_ctx))?;
     let mut socket = UdpSocket::from_std(std_sock);
+    let offloads = if cfg.offload { batch::offloads(&socket) } else { batch::Offloads::default() };
+    if cfg.dont_fragment {
+        batch::set_dont_fragment(&socket, cfg.bind.is_ipv6()).map_err(io_err("IP_MTU_DISCOVER"))?;
+    }
 
     let poll = Poll::new().map_err(io_err("mio poll"))?;
     poll.registry()
@@ -156,48 +209,160 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
         .map_err(io_err("mio register"))?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("mio waker"))?);
     let wake = Arc::clone(&waker);
-    let outbox = Arc::new(Outbox::new(cfg.queue_frames, host.clone()).with_waker(move || {
+    let queue = Arc::new(SendQueue::new(cfg.queue_frames, host.clone(), move || {
         // A failed wake only delays the drain until the next event; nothing to recover.
         let _ = wake.wake();
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let caps = capabilities(&cfg);
-    let io = IoLoop { poll, socket, outbox: Arc::clone(&outbox), host: host.clone(), stop: Arc::clone(&stop), mtu: cfg.mtu as usize };
+    let mtu = cfg.mtu as usize;
+    let io = IoLoop {
+        poll,
+        socket,
+        queue: Arc::clone(&queue),
+        host: host.clone(),
+        stop: Arc::clone(&stop),
+        mtu,
+        gso: offloads.gso,
+        rx: Receiver::new(mtu, offloads.gro),
+        sched_batch: cfg.sched_batch,
+    };
     let thread = std::thread::Builder::new()
         .name(format!("antmesh-udp-{}", local.port()))
         .spawn(move || {
-            let outbox = Arc::clone(&io.outbox);
+            let queue = Arc::clone(&io.queue);
             if let Err(msg) = antmesh_plugin_api::guard(|| io.run()) {
                 host.log(antmesh_plugin_api::LogLevel::Error, &format!("udp I/O thread panicked: {msg}"));
             }
             // Nothing drains the queue any more: senders get Closed, not a silent stall.
-            outbox.close();
+            queue.close();
         })
         .map_err(io_err("spawn udp thread"))?;
-    Ok(UdpTransport { caps, local, broadcast: cfg.broadcast, outbox, stop, waker, thread: Mutex::new(Some(thread)) })
+    Ok(UdpTransport { caps, local, broadcast: cfg.broadcast, queue, stop, waker, thread: Mutex::new(Some(thread)) })
 }
 
 struct IoLoop {
     poll: Poll,
     socket: UdpSocket,
-    outbox: Arc<Outbox<(SocketAddr, Vec<u8>)>>,
+    queue: Arc<SendQueue>,
     host: Host,
     stop: Arc<AtomicBool>,
     mtu: usize,
+    /// Segmentation offload in use (turned off for good if the kernel refuses a send).
+    gso: bool,
+    rx: Receiver,
+    sched_batch: bool,
+}
+
+/// What a transmit turn ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The queue is empty.
+    Idle,
+    /// The kernel pushed back; wait for writability.
+    KernelFull,
+    /// The turn ended with datagrams still queued.
+    More,
+}
+
+/// One message for the kernel: `pieces` consecutive [`Piece`]s from `first`, to the
+/// destination of run `run`, cut into `seg`-byte datagrams by the kernel when `seg` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Msg {
+    run: usize,
+    first: usize,
+    pieces: usize,
+    datagrams: usize,
+    seg: Option<usize>,
+    /// Its last piece ends on a full datagram (so another piece may follow).
+    ends_full: bool,
+}
+
+/// Where part of a message comes from: `data[start..end]` of run `run`, `datagrams` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    run: usize,
+    start: usize,
+    end: usize,
+    datagrams: usize,
+}
+
+/// The next messages for the kernel, from the unsent part of `runs`: with `gso`, runs
+/// to one destination with one datagram size are cut into as few segmentation offload
+/// sends as the kernel's limits allow (consecutive runs share a send when the earlier one
+/// ends on a full datagram); without, one message per datagram. At most [`MAX_MSGS`]
+/// messages of [`MAX_IOVS`] pieces in all.
+fn plan(runs: &[Run], gso: bool, msgs: &mut Vec<Msg>, pieces: &mut Vec<Piece>) {
+    msgs.clear();
+    pieces.clear();
+    for (ri, run) in runs.iter().enumerate() {
+        let seg = run.seg;
+        let offload = gso && seg > 0 && u16::try_from(seg).is_ok();
+        let max_segs = if offload { GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg).max(1) } else { 1 };
+        let mut off = run.off;
+        let mut left = run.left;
+        while left > 0 {
+            if pieces.len() >= MAX_IOVS {
+                return;
+            }
+            // Join the previous message: same destination and size, it ends on a full
+            // datagram, and it has room.
+            let joined = match msgs.last_mut() {
+                Some(m) if offload && m.seg == Some(seg) && runs[m.run].to == run.to && m.datagrams < max_segs && m.ends_full => {
+                    let take = left.min(max_segs - m.datagrams);
+                    m.datagrams += take;
+                    m.pieces += 1;
+                    Some(take)
+                }
+                _ => None,
+            };
+            let take = match joined {
+                Some(take) => take,
+                None => {
+                    if msgs.len() >= MAX_MSGS {
+                        return;
+                    }
+                    let take = left.min(max_segs);
+                    msgs.push(Msg {
+                        run: ri,
+                        first: pieces.len(),
+                        pieces: 1,
+                        datagrams: take,
+                        seg: offload.then_some(seg),
+                        ends_full: true,
+                    });
+                    take
+                }
+            };
+            let end = (off + take * seg).min(run.data.len());
+            pieces.push(Piece { run: ri, start: off, end, datagrams: take });
+            if let Some(m) = msgs.last_mut() {
+                m.ends_full = end - off == take * seg;
+            }
+            off = end;
+            left -= take;
+        }
+    }
 }
 
 impl IoLoop {
     fn run(mut self) {
+        if self.sched_batch {
+            if let Err(e) = batch::set_batch_scheduling() {
+                self.host.debug(&format!("udp I/O thread stays on normal scheduling: {e}"));
+            }
+        }
         let mut events = Events::with_capacity(16);
-        let slot = self.mtu + 1; // one spare byte detects oversized datagrams
-        let mut arena = vec![0u8; slot * RECV_BATCH];
-        let mut pending: Vec<(SocketAddr, Vec<u8>)> = Vec::with_capacity(RECV_BATCH);
+        let mut pending: Vec<Run> = Vec::new();
+        let mut got: Vec<Got> = Vec::new();
         let mut kernel_full = false;
         let mut more_to_read = false;
+        let mut more_to_send = false;
         while !self.stop.load(Ordering::Acquire) {
-            // Edge-triggered: if the last turn left datagrams in the socket, come straight
-            // back for them instead of waiting for an edge that will not come.
-            let timeout = if more_to_read { Duration::ZERO } else { Duration::from_secs(1) };
+            // Edge-triggered: if the last turn left datagrams in the socket or the queue,
+            // come straight back for them instead of waiting for an edge that will not come.
+            let busy = more_to_read || (more_to_send && !kernel_full);
+            let timeout = if busy { Duration::ZERO } else { Duration::from_secs(1) };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.host.warn(&format!("udp poll failed: {e}"));
@@ -215,40 +380,59 @@ impl IoLoop {
                 }
             }
             if readable {
-                more_to_read = self.receive(&mut arena, slot);
+                more_to_read = self.receive(&mut got);
             }
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             // Sending gets its turn every iteration, so a receive flood cannot starve it.
             if !kernel_full {
-                kernel_full = self.transmit(&mut pending);
+                match self.transmit(&mut pending) {
+                    Sent::Idle => more_to_send = false,
+                    Sent::More => more_to_send = true,
+                    Sent::KernelFull => {
+                        kernel_full = true;
+                        more_to_send = true;
+                    }
+                }
             }
         }
     }
 
-    /// Reads up to [`RECV_TURN`] batches; returns true if the socket may hold more.
-    fn receive(&self, arena: &mut [u8], slot: usize) -> bool {
+    /// Up to [`RECV_TURN`] receive calls; returns true if the socket may hold more.
+    fn receive(&mut self, got: &mut Vec<Got>) -> bool {
         for _ in 0..RECV_TURN {
-            let mut got: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(RECV_BATCH);
-            let mut drained = false;
-            for (i, buf) in arena.chunks_mut(slot).enumerate() {
-                match self.socket.recv_from(buf) {
-                    Ok((n, from)) if n <= self.mtu => got.push((from, i * slot, n)),
-                    Ok((n, from)) => self.host.debug(&format!("dropped {n}-byte datagram from {from}: over MTU")),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        drained = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    // ICMP errors surface here on some systems; they concern one peer only.
-                    Err(e) => self.host.debug(&format!("udp recv: {e}")),
+            let drained = match self.rx.recv(&self.socket, got) {
+                // A short read emptied the socket: the next datagram raises a new edge.
+                // (recvmmsg also stops early on an error after the first message, but an
+                // unconnected UDP socket has none pending without IP_RECVERR.)
+                Ok(n) => n < self.rx.slots(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors surface here on some systems; they concern one peer only.
+                Err(e) => {
+                    self.host.debug(&format!("udp recv: {e}"));
+                    continue;
+                }
+            };
+            let datagrams = got.iter().map(|g| if g.seg == 0 { 1 } else { g.len.div_ceil(g.seg) }).sum();
+            let mut frames: Vec<InFrame<'_>> = Vec::with_capacity(datagrams);
+            for g in got.iter() {
+                let bytes = self.rx.bytes(g);
+                // Without receive offload `seg` is the datagram's length.
+                if g.truncated || g.seg > self.mtu {
+                    self.host.debug(&format!("dropped {}-byte datagram from {}: over MTU", g.seg, g.from));
+                    continue;
+                }
+                let from = LinkAddr::from(g.from);
+                if bytes.is_empty() || g.seg == 0 {
+                    frames.push(InFrame { from, data: RSlice::from_slice(bytes) });
+                    continue;
+                }
+                for d in bytes.chunks(g.seg) {
+                    frames.push(InFrame { from: from.clone(), data: RSlice::from_slice(d) });
                 }
             }
-            let frames: Vec<InFrame<'_>> = got
-                .iter()
-                .map(|&(from, off, n)| InFrame { from: LinkAddr::from(from), data: RSlice::from_slice(&arena[off..off + n]) })
-                .collect();
             self.host.deliver(&frames);
             if drained || self.stop.load(Ordering::Acquire) {
                 return false;
@@ -257,30 +441,92 @@ impl IoLoop {
         true
     }
 
-    /// Sends queued datagrams; returns true when the kernel buffer is full.
-    fn transmit(&self, pending: &mut Vec<(SocketAddr, Vec<u8>)>) -> bool {
-        loop {
+    /// Sends queued datagrams for up to [`SEND_TURN`] drains.
+    fn transmit(&mut self, pending: &mut Vec<Run>) -> Sent {
+        for _ in 0..SEND_TURN {
             pending.clear();
-            if self.outbox.drain_into(pending, RECV_BATCH) == 0 {
-                return false;
+            if self.queue.drain_into(pending, SEND_DRAIN) == 0 {
+                return Sent::Idle;
             }
-            let mut sent = 0;
-            for (to, data) in pending.iter() {
-                match self.socket.send_to(data, *to) {
-                    Ok(_) => sent += 1,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        // Datagram semantics: an unreachable peer loses this datagram only.
-                        self.host.debug(&format!("udp send to {to}: {e}"));
-                        sent += 1;
-                    }
-                }
-            }
-            if sent < pending.len() {
-                self.outbox.requeue_front(pending.drain(sent..));
-                return true;
+            if self.send_runs(pending) {
+                self.queue.requeue_front(pending.drain(..).filter(|r| r.left > 0));
+                return Sent::KernelFull;
             }
         }
+        Sent::More
+    }
+
+    /// Sends `runs` (advancing each one's `off`/`left`); returns true when the kernel
+    /// buffer is full with some still unsent.
+    fn send_runs(&mut self, runs: &mut [Run]) -> bool {
+        let mut msgs = Vec::with_capacity(MAX_MSGS);
+        let mut pieces = Vec::with_capacity(MAX_IOVS);
+        loop {
+            plan(runs, self.gso, &mut msgs, &mut pieces);
+            if msgs.is_empty() {
+                return false;
+            }
+            let out: Vec<OutMsg> = msgs
+                .iter()
+                .map(|m| OutMsg {
+                    to: SockAddr::from(runs[m.run].to),
+                    iov_start: m.first,
+                    iov_len: m.pieces,
+                    seg: m.seg.and_then(|s| u16::try_from(s).ok()),
+                })
+                .collect();
+            let bufs: Vec<&[u8]> = pieces.iter().map(|p| runs[p.run].data.get(p.start..p.end).unwrap_or(&[])).collect();
+            let result = batch::send(&self.socket, &out, &bufs);
+            drop(bufs);
+            let done = match result {
+                Ok(n) if n > 0 => n,
+                // Nothing sent and no error: not something the kernel does; drop the first
+                // message rather than wait for a writability edge that may never come.
+                Ok(_) => {
+                    self.host.debug(&format!("udp send to {}: nothing sent", runs[msgs[0].run].to));
+                    1
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if msgs[0].seg.is_some() && batch::offload_refused(&e) => {
+                    // Some devices and paths cannot take segmentation offload; the kernel
+                    // says so only by refusing. Send datagram by datagram from now on.
+                    self.host.info(&format!("udp segmentation offload refused ({e}); sending datagrams one by one"));
+                    self.gso = false;
+                    continue;
+                }
+                Err(e) => {
+                    // Datagram semantics: an unreachable peer loses these datagrams only.
+                    self.host.debug(&format!("udp send to {}: {e}", runs[msgs[0].run].to));
+                    1
+                }
+            };
+            for m in msgs.iter().take(done) {
+                for p in &pieces[m.first..m.first + m.pieces] {
+                    let run = &mut runs[p.run];
+                    run.off = p.end;
+                    run.left -= p.datagrams;
+                }
+            }
+        }
+    }
+}
+
+impl UdpTransport {
+    /// The socket address `to` means for this instance.
+    fn resolve(&self, to: &LinkAddr) -> Result<SocketAddr, SendError> {
+        let dest = match (to, to.socket_addr()) {
+            (_, Some(sa)) => sa,
+            (LinkAddr::Broadcast, _) => self.broadcast.ok_or(SendError::BroadcastUnsupported)?,
+            _ => return Err(SendError::BadAddress(to.to_string().into())),
+        };
+        Ok(match (self.local, dest) {
+            (SocketAddr::V4(_), SocketAddr::V6(_)) => return Err(SendError::BadAddress(to.to_string().into())),
+            // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            (_, d) => d,
+        })
     }
 }
 
@@ -294,25 +540,50 @@ impl Transport for UdpTransport {
     }
 
     fn send(&self, to: &LinkAddr, frame: &[u8]) -> Result<(), SendError> {
-        let dest = match (to, to.socket_addr()) {
-            (_, Some(sa)) => sa,
-            (LinkAddr::Broadcast, _) => self.broadcast.ok_or(SendError::BroadcastUnsupported)?,
-            _ => return Err(SendError::BadAddress(to.to_string().into())),
-        };
-        let dest = match (self.local, dest) {
-            (SocketAddr::V4(_), SocketAddr::V6(_)) => return Err(SendError::BadAddress(to.to_string().into())),
-            // A dual-stack IPv6 socket reaches IPv4 peers through mapped addresses.
-            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        let dest = self.resolve(to)?;
+        match self.queue.push([Run::new(dest, frame, 0)]) {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
+        }
+    }
+
+    fn send_batch(&self, frames: &[OutFrame<'_>]) -> BatchResult {
+        // Destinations first (cheap, and where a bad one stops the batch), then one run per
+        // stretch of datagrams to one destination, then one push.
+        let mut runs: Vec<Run> = Vec::new();
+        let mut stop = None;
+        for (i, f) in frames.iter().enumerate() {
+            let dest = match self.resolve(&f.to) {
+                Ok(d) => d,
+                Err(e) => {
+                    stop = Some((i, e));
+                    break;
+                }
+            };
+            let data = f.data.as_slice();
+            if let Some(run) = runs.last_mut() {
+                if run.to == dest && run.try_push(data) {
+                    continue;
+                }
             }
-            (_, d) => d,
+            // Room for the datagrams to the same destination that follow: most batches
+            // are one run.
+            let room: usize =
+                frames[i..].iter().take(GSO_MAX_SEGMENTS).take_while(|g| g.to == f.to).map(|g| g.data.len()).sum();
+            runs.push(Run::new(dest, data, room));
+        }
+        let (taken, refused) = self.queue.push(runs);
+        let error = match (refused, stop) {
+            (Some(e), _) => ROption::RSome(e),
+            (None, Some((_, e))) => ROption::RSome(e),
+            (None, None) => RNone,
         };
-        self.outbox.push((dest, frame.to_vec()))
+        BatchResult { accepted: u32::try_from(taken).unwrap_or(u32::MAX), error }
     }
 
     fn close(&self) -> Result<(), PluginError> {
         self.stop.store(true, Ordering::Release);
-        self.outbox.close();
+        self.queue.close();
         let _ = self.waker.wake();
         // Hold the lock across the join: a concurrent close must not return before the
         // thread (and with it every host callback) is gone.
@@ -389,6 +660,128 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(1), "close took {:?} under a flood", t.elapsed());
         stop.store(true, Ordering::Relaxed);
         flood.join().unwrap();
+    }
+
+    fn batch<'a>(to: &LinkAddr, frames: &'a [Vec<u8>]) -> Vec<OutFrame<'a>> {
+        frames.iter().map(|f| OutFrame { to: to.clone(), data: RSlice::from_slice(f) }).collect()
+    }
+
+    /// Ten datagrams as QUIC sends them (nine full, one short), then single sends, between
+    /// two instances: everything arrives intact, in order, one frame per datagram.
+    fn batches_arrive_whole(offload: bool) {
+        let ha = Harness::new();
+        let hb = Harness::new();
+        let a = open_at(&ha, &format!(r#"(bind: "127.0.0.1:0", offload: {offload})"#));
+        let b = open_at(&hb, &format!(r#"(bind: "127.0.0.1:0", offload: {offload})"#));
+        let to = LinkAddr::from(b.local);
+        let mut want = Vec::new();
+        for round in 0..20u8 {
+            let frames: Vec<Vec<u8>> =
+                (0..10u8).map(|i| vec![round.wrapping_mul(10).wrapping_add(i); if i == 9 { 100 } else { 1200 }]).collect();
+            let r = a.send_batch(&batch(&to, &frames));
+            assert_eq!((r.accepted, r.error), (10, RNone));
+            want.extend(frames);
+            // Paced: loopback drops what the receiver has no buffer for.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        a.send(&to, b"single").unwrap();
+        a.send(&to, b"").unwrap();
+        want.push(b"single".to_vec());
+        want.push(Vec::new());
+        let got = hb.frames(want.len(), Duration::from_secs(5));
+        let got: Vec<Vec<u8>> = got.into_iter().map(|(from, f)| {
+            assert_eq!(from.socket_addr(), Some(a.local));
+            f
+        }).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "frames differ");
+    }
+
+    #[test]
+    fn batches_arrive_whole_with_offload() {
+        batches_arrive_whole(true);
+    }
+
+    #[test]
+    fn batches_arrive_whole_without_offload() {
+        batches_arrive_whole(false);
+    }
+
+    #[test]
+    fn a_batch_stops_at_a_bad_destination_and_at_capacity() {
+        let h = Harness::new();
+        let a = open_at(&h, r#"(bind: "127.0.0.1:0", queue_frames: 4)"#);
+        let sink = StdUdp::bind("127.0.0.1:0").unwrap();
+        let to = LinkAddr::from(sink.local_addr().unwrap());
+        let frames = vec![vec![1u8; 10]; 3];
+        let mut out = batch(&to, &frames);
+        out[2].to = LinkAddr::Broadcast;
+        let r = a.send_batch(&out);
+        assert_eq!((r.accepted, r.error), (2, ROption::RSome(SendError::BroadcastUnsupported)));
+        // Fill the queue while the I/O thread drains it: a long enough batch is cut at
+        // the capacity and reported WouldBlock, never more than asked is taken.
+        let many = vec![vec![2u8; 10]; 64];
+        let r = a.send_batch(&batch(&to, &many));
+        assert!(r.accepted as usize <= many.len());
+        if (r.accepted as usize) < many.len() {
+            assert_eq!(r.error, ROption::RSome(SendError::WouldBlock));
+        }
+    }
+
+    #[test]
+    fn over_mtu_datagrams_are_dropped_with_and_without_offload() {
+        for offload in [true, false] {
+            let h = Harness::new();
+            let b = open_at(&h, &format!(r#"(bind: "127.0.0.1:0", mtu: 1200, offload: {offload})"#));
+            let s = StdUdp::bind("127.0.0.1:0").unwrap();
+            s.send_to(&[7u8; 1201], b.local).unwrap();
+            s.send_to(&[8u8; 1200], b.local).unwrap();
+            let got = h.frames(1, Duration::from_secs(5));
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].1, vec![8u8; 1200], "offload {offload}");
+        }
+    }
+
+    fn run(to: u16, sizes: &[usize]) -> Run {
+        let mut r = Run::new(SocketAddr::from(([127, 0, 0, 1], to)), &vec![0; sizes[0]], 0);
+        for &n in &sizes[1..] {
+            assert!(r.try_push(&vec![0; n]));
+        }
+        r
+    }
+
+    #[test]
+    fn the_plan_joins_runs_only_where_the_kernel_can_cut_them() {
+        let (mut msgs, mut pieces) = (Vec::new(), Vec::new());
+        // Two full runs and a short-ended one to one peer, then another peer.
+        let runs = [run(1, &[1000; 10]), run(1, &[1000, 1000, 500]), run(1, &[1000; 2]), run(2, &[1000; 3])];
+        plan(&runs, true, &mut msgs, &mut pieces);
+        let shape: Vec<(usize, usize, usize)> = msgs.iter().map(|m| (m.run, m.pieces, m.datagrams)).collect();
+        assert_eq!(shape, vec![(0, 2, 13), (2, 1, 2), (3, 1, 3)]);
+        assert!(msgs.iter().all(|m| m.seg == Some(1000)));
+        // Without offload: one message per datagram.
+        plan(&runs, false, &mut msgs, &mut pieces);
+        assert_eq!(msgs.len(), MAX_MSGS.min(18));
+        assert!(msgs.iter().all(|m| m.seg.is_none() && m.datagrams == 1 && m.pieces == 1));
+        // The kernel's limits: at most 64 datagrams and 65507 bytes per send.
+        let big = [run(1, &[1472; 100])];
+        plan(&big, true, &mut msgs, &mut pieces);
+        let counts: Vec<usize> = msgs.iter().map(|m| m.datagrams).collect();
+        assert_eq!(counts, vec![44, 44, 12]);
+        let small = [run(1, &[100; 100])];
+        plan(&small, true, &mut msgs, &mut pieces);
+        let counts: Vec<usize> = msgs.iter().map(|m| m.datagrams).collect();
+        assert_eq!(counts, vec![64, 36]);
+        // A partly sent run resumes where it stopped.
+        let mut resumed = run(1, &[1000; 5]);
+        resumed.off = 3000;
+        resumed.left = 2;
+        plan(std::slice::from_ref(&resumed), true, &mut msgs, &mut pieces);
+        assert_eq!(pieces, vec![Piece { run: 0, start: 3000, end: 5000, datagrams: 2 }]);
+        // An empty datagram is one message of nothing.
+        let empty = [Run::new(SocketAddr::from(([127, 0, 0, 1], 1)), &[], 0)];
+        plan(&empty, true, &mut msgs, &mut pieces);
+        assert_eq!((msgs.len(), msgs[0].seg, pieces[0].start, pieces[0].end), (1, None, 0, 0));
     }
 
     #[test]
