@@ -284,10 +284,13 @@ impl Shared {
     /// The plugin has room again: a waiting tail goes now (not whenever quinn sends next;
     /// if the plugin refuses again, it owes another `writable`), then the senders retry.
     fn on_writable(&self) {
-        if self.has_tail.load(Ordering::Acquire) {
+        // Bump first, then look for a tail (SeqCst on both sides): a sender that stores its
+        // tail concurrently either sees the new generation and flushes itself, or its tail
+        // is visible here. See `try_send`.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.has_tail.load(Ordering::SeqCst) {
             self.flush_tails();
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
         self.wake_senders();
     }
 
@@ -300,7 +303,7 @@ impl Shared {
     fn keep_tail(&self, tail: Tail) {
         let mut tails = lock(&self.tails);
         tails.push_back(tail);
-        self.has_tail.store(true, Ordering::Release);
+        self.has_tail.store(true, Ordering::SeqCst);
     }
 }
 
@@ -427,6 +430,11 @@ impl AsyncUdpSocket for PluginSocket {
             // Part of the transmit is queued: it is sent (see the module docs).
             (taken, Some(SendError::WouldBlock)) => {
                 shared.keep_tail(Tail { to, data: data[taken..].to_vec(), seg });
+                // A `writable` that arrived between the refusal and keep_tail found no tail
+                // to flush; no other one is owed, so flush now.
+                if shared.generation.load(Ordering::SeqCst) != generation {
+                    shared.flush_tails();
+                }
                 Ok(())
             }
             // Anything else loses these datagrams only, as quinn's own socket treats send

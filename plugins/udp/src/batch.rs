@@ -88,8 +88,10 @@ mod imp {
         }
     }
 
+    /// EIO is how the kernel says a device cannot segment (as quinn-udp reads it); EINVAL
+    /// also comes from a segment too large for the path, which concerns one message only.
     pub fn offload_refused(e: &io::Error) -> bool {
-        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL))
+        e.raw_os_error() == Some(libc::EIO)
     }
 
     fn set_int(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
@@ -324,9 +326,15 @@ mod imp {
             let (Some(to), Some(data), 1, None) = (m.to.as_socket(), bufs.get(m.iov_start), m.iov_len, m.seg) else {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "message needs segmentation offload"));
             };
-            match sock.send_to(data, to) {
+            // Retry the same message on EINTR: skipping it would count it as sent.
+            let r = loop {
+                match sock.send_to(data, to) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            match r {
                 Ok(_) => sent += 1,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if sent == 0 => return Err(e),
                 Err(_) => break,
             }

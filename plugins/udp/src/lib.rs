@@ -472,7 +472,10 @@ impl IoLoop {
                     to: SockAddr::from(runs[m.run].to),
                     iov_start: m.first,
                     iov_len: m.pieces,
-                    seg: m.seg.and_then(|s| u16::try_from(s).ok()),
+                    // A single datagram needs no segmentation: without the cmsg, a datagram
+                    // too large for the path fails alone (EMSGSIZE) instead of looking like
+                    // refused offload (EINVAL) and switching GSO off for good.
+                    seg: m.seg.filter(|_| m.datagrams > 1).and_then(|s| u16::try_from(s).ok()),
                 })
                 .collect();
             let bufs: Vec<&[u8]> = pieces.iter().map(|p| runs[p.run].data.get(p.start..p.end).unwrap_or(&[])).collect();
@@ -487,7 +490,7 @@ impl IoLoop {
                     1
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if msgs[0].seg.is_some() && batch::offload_refused(&e) => {
+                Err(e) if out[0].seg.is_some() && batch::offload_refused(&e) => {
                     // Some devices and paths cannot take segmentation offload; the kernel
                     // says so only by refusing. Send datagram by datagram from now on.
                     self.host.info(&format!("udp segmentation offload refused ({e}); sending datagrams one by one"));
