@@ -5,12 +5,16 @@
 //! - [`framing`]: byte-stream framings (length-prefixed, HDLC-like with CRC, KISS); their
 //!   decoders are fuzzed and property-tested because they face whatever the wire carries.
 //! - [`backoff`]: reconnect/respawn delays with jitter.
+//! - [`link`] (Unix): the `send` checks and `close` sequence of point-to-point stream
+//!   transports.
 //! - [`sys`] (Unix): `poll`, a pollable stop signal and the few other POSIX calls plugin I/O
 //!   threads need.
 //! - [`testing`]: an in-process host for plugin unit tests.
 
 pub mod backoff;
 pub mod framing;
+#[cfg(unix)]
+pub mod link;
 pub mod outbox;
 #[cfg(unix)]
 pub mod sys;

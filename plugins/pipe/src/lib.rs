@@ -14,7 +14,7 @@ mod supervisor;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use abi_stable::std_types::RString;
 use antmesh_plugin_api::{
@@ -25,6 +25,7 @@ use antmesh_plugin_kit::{FramingKind, Outbox};
 
 pub use config::Config;
 use supervisor::{spawn_child, supervise, Session, Shared};
+use antmesh_plugin_kit::link::{check_point_to_point, close_crew};
 use antmesh_plugin_kit::sys::{Crew, StopSignal};
 
 antmesh_plugin_api::export_transport! {
@@ -119,15 +120,7 @@ impl Transport for PipeTransport {
         if self.shared.stop.is_set() {
             return Err(SendError::Closed);
         }
-        match to {
-            LinkAddr::Broadcast => {}
-            LinkAddr::Named(n) if *n == self.shared.peer_name => {}
-            LinkAddr::Named(n) => return Err(SendError::UnknownPeer(n.clone())),
-            LinkAddr::Ip(_) => return Err(SendError::BadAddress(RString::from(to.to_string()))),
-        }
-        if frame.len() > self.caps.mtu as usize {
-            return Err(SendError::TooLarge { size: u32::try_from(frame.len()).unwrap_or(u32::MAX), mtu: self.caps.mtu });
-        }
+        check_point_to_point(to, &self.shared.peer_name, frame.len(), self.caps.mtu)?;
         if !self.shared.child_up.load(Ordering::SeqCst) {
             return Err(SendError::UnknownPeer(RString::from(format!("{} (child not running)", self.local))));
         }
@@ -135,26 +128,7 @@ impl Transport for PipeTransport {
     }
 
     fn close(&self) -> Result<(), PluginError> {
-        // First, so that no callback starts from here on (the host is gated on it) and every
-        // thread's waits end.
-        self.shared.stop.trigger();
-        self.shared.outbox.close();
-        if self.shared.crew.is_member() {
-            // Called from a host callback on the supervisor or the writer: this thread
-            // cannot wait for itself. Wait for the other one (the crew keeps the two from
-            // waiting for each other); this one stops once the callback returns, and the
-            // gate silences whatever it would still report. The child is killed and reaped
-            // then too, if this is the supervisor.
-            self.shared.crew.finish();
-            return Ok(());
-        }
-        // Held across the wait, so a concurrent second `close` cannot return early.
-        let _closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.shared.crew.finish() {
-            // No thread is left to poll the signal: its pipe can go now rather than when
-            // the host drops the instance.
-            self.shared.stop.release();
-        }
+        close_crew(&self.shared.stop, &self.shared.outbox, &self.shared.crew, &self.closing);
         Ok(())
     }
 }
