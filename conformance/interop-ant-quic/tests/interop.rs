@@ -256,3 +256,46 @@ async fn messages_both_ways_on_a_connection_ant_quic_dialled() {
     exchange(&am, &aq).await;
     stop(am, aq).await;
 }
+
+/// Application bidirectional streams both ways: each side echoes what the other wrote. Both
+/// stacks prefix such streams with `ANQAppB1`, which their `accept_bi` consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidirectional_streams_both_ways() {
+    init_logs();
+    let _one = serial().await;
+    let am = antmesh(16).await;
+    let aq = ant_quic_node().await;
+    antmesh_dials(&am, &aq).await;
+
+    // antmesh opens, ant-quic echoes.
+    let aq_node = Arc::clone(&aq.node);
+    let echo = tokio::spawn(async move {
+        let (peer, mut send, mut recv) = timeout(T, aq_node.accept_bi()).await.expect("ant-quic accept_bi timed out").unwrap();
+        let data = recv.read_to_end(1 << 20).await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.finish().unwrap();
+        peer
+    });
+    let msg = payload("am bi", 5000);
+    let (mut send, mut recv) = am.node.open_bi(&PeerId(aq.id)).await.unwrap();
+    send.write_all(&msg).await.unwrap();
+    send.finish().unwrap();
+    let back = timeout(T, recv.read_to_end(1 << 20)).await.expect("echo timed out").unwrap();
+    assert!(back == msg, "ant-quic echoed other bytes");
+    assert_eq!(echo.await.unwrap().0, am.id);
+
+    // ant-quic opens, antmesh echoes.
+    let msg = payload("aq bi", 7000);
+    let (mut send, mut recv) = aq.node.open_bi(&ant_quic::PeerId(am.id)).await.unwrap();
+    send.write_all(&msg).await.unwrap();
+    send.finish().unwrap();
+    let (peer, mut a_send, mut a_recv) = timeout(T, am.node.accept_bi()).await.expect("antmesh accept_bi timed out").unwrap();
+    assert_eq!(peer, PeerId(aq.id));
+    let data = a_recv.read_to_end(1 << 20).await.unwrap();
+    assert!(data == msg, "antmesh received other bytes");
+    a_send.write_all(&data).await.unwrap();
+    a_send.finish().unwrap();
+    let back = timeout(T, recv.read_to_end(1 << 20)).await.expect("echo timed out").unwrap();
+    assert!(back == msg, "antmesh echoed other bytes");
+    stop(am, aq).await;
+}

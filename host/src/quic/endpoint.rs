@@ -30,6 +30,14 @@ const SERVER_NAME: &str = "antmesh";
 /// Client configurations kept per expected peer (see [`ConfigCache`]).
 pub const CLIENT_CONFIG_CACHE: usize = 64;
 
+/// The first bytes of every application bidirectional stream, as ant-quic writes and
+/// expects them: it keeps its own internal streams (acknowledgement requests, relay framing)
+/// apart by such prefixes, so streams without it are not the application's.
+pub const APP_BIDI_STREAM_MAGIC: &[u8; 8] = b"ANQAppB1";
+
+/// Stream error code for a bidirectional stream that is not an application stream.
+const STREAM_NOT_APPLICATION: u32 = 0x41;
+
 /// Application close code: the peer asked to disconnect.
 pub const CLOSE_DISCONNECT: u32 = 0;
 /// Application close code: a newer connection to the same peer replaced this one.
@@ -454,9 +462,13 @@ impl P2pEndpoint {
     }
 
     /// Opens a bidirectional stream to `peer`.
+    /// The stream starts with [`APP_BIDI_STREAM_MAGIC`] on the wire (written here, consumed
+    /// by the peer's `accept_bi`), so the returned streams carry only application bytes.
     pub async fn open_bi(&self, peer: &PeerId) -> Result<(quinn::SendStream, quinn::RecvStream), MessageError> {
         let conn = self.connection(peer).ok_or(MessageError::NotConnected(*peer))?;
-        Ok(conn.open_bi().await?)
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(APP_BIDI_STREAM_MAGIC).await?;
+        Ok((send, recv))
     }
 
     /// The next bidirectional stream a peer opened.
@@ -601,10 +613,24 @@ async fn read_uni(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
 }
 
 async fn read_bi(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        if inner.bi_streams.send((peer, send, recv)).await.is_err() {
-            return;
-        }
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let inner = Arc::clone(&inner);
+        // Each stream's prefix is read on its own task: a peer that opens a stream and
+        // never writes must not hold up the next one.
+        tokio::spawn(async move {
+            let mut magic = [0u8; 8];
+            match recv.read_exact(&mut magic).await {
+                Ok(()) if &magic == APP_BIDI_STREAM_MAGIC => {
+                    let _ = inner.bi_streams.send((peer, send, recv)).await;
+                }
+                Ok(()) => {
+                    tracing::debug!(%peer, "refused a bidirectional stream without the application prefix");
+                    let _ = recv.stop(STREAM_NOT_APPLICATION.into());
+                    let _ = send.reset(STREAM_NOT_APPLICATION.into());
+                }
+                Err(e) => tracing::debug!(%peer, "bidirectional stream ended before its prefix: {e}"),
+            }
+        });
     }
 }
 
