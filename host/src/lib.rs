@@ -12,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod link;
 pub mod plugin;
 pub mod quic;
 pub mod tls;
