@@ -61,6 +61,137 @@ pub struct InterfaceConfig {
     /// The plugin's instance configuration, RON text.
     #[serde(default = "empty_unit")]
     pub config: String,
+    /// Settings of the constrained link engine, for interfaces below the QUIC bar.
+    /// Unset fields keep the defaults the engine derives from the transport's MTU and rate.
+    #[serde(default)]
+    pub link: LinkSettings,
+}
+
+/// Operator overrides of the constrained link engine (see docs/link.md for each default).
+///
+/// ```ron
+/// link: (rekey_interval_secs: Some(1800), rekey_bytes: Some(67108864), peer: Some("3f…")),
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSettings {
+    /// Start a session to each peer the transport reports up (default true). A node that
+    /// only answers sets this false.
+    #[serde(default)]
+    pub dial: Option<bool>,
+    /// The PeerId (hex) the peer on this link must prove; a handshake with anyone else fails.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Keepalive after this many seconds without sending.
+    #[serde(default)]
+    pub keepalive_secs: Option<u64>,
+    /// Declare the peer dead after this many seconds without an authenticated frame.
+    #[serde(default)]
+    pub dead_after_secs: Option<u64>,
+    /// Give up on a handshake after this many seconds.
+    #[serde(default)]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Symmetric ratchet step after this many bytes under one key.
+    #[serde(default)]
+    pub ratchet_bytes: Option<u64>,
+    /// Symmetric ratchet step after this many seconds under one key.
+    #[serde(default)]
+    pub ratchet_interval_secs: Option<u64>,
+    /// Fresh ML-KEM exchange after this many bytes.
+    #[serde(default)]
+    pub rekey_bytes: Option<u64>,
+    /// Fresh ML-KEM exchange after this many seconds (keys expire at three times this).
+    #[serde(default)]
+    pub rekey_interval_secs: Option<u64>,
+    /// Largest message, bytes.
+    #[serde(default)]
+    pub max_message: Option<usize>,
+    /// Most peers with state on this interface.
+    #[serde(default)]
+    pub max_peers: Option<usize>,
+    /// Most handshakes in progress at once.
+    #[serde(default)]
+    pub max_handshakes: Option<usize>,
+    /// Offer and accept resumption (default true).
+    #[serde(default)]
+    pub resumption: Option<bool>,
+}
+
+impl LinkSettings {
+    /// The pinned peer, if any (validated by [`NodeConfig::parse`]).
+    pub fn peer_id(&self) -> Option<crate::identity::PeerId> {
+        self.peer.as_deref().and_then(|p| p.parse().ok())
+    }
+
+    /// Applies the overrides to engine settings.
+    pub fn apply(&self, c: &mut crate::link::LinkConfig) {
+        use std::time::Duration;
+        let secs = Duration::from_secs;
+        if let Some(v) = self.keepalive_secs {
+            c.keepalive = secs(v);
+        }
+        if let Some(v) = self.dead_after_secs {
+            c.dead_after = secs(v);
+        }
+        if let Some(v) = self.handshake_timeout_secs {
+            c.handshake_timeout = secs(v);
+        }
+        if let Some(v) = self.ratchet_bytes {
+            c.ratchet_bytes = v;
+        }
+        if let Some(v) = self.ratchet_interval_secs {
+            c.ratchet_interval = secs(v);
+        }
+        if let Some(v) = self.rekey_bytes {
+            c.rekey_bytes = v;
+        }
+        if let Some(v) = self.rekey_interval_secs {
+            c.rekey_interval = secs(v);
+        }
+        if let Some(v) = self.max_message {
+            c.max_message = v;
+        }
+        if let Some(v) = self.max_peers {
+            c.max_peers = v;
+        }
+        if let Some(v) = self.max_handshakes {
+            c.max_handshakes = v;
+        }
+        if let Some(v) = self.resumption {
+            c.resumption = v;
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(p) = &self.peer {
+            if p.parse::<crate::identity::PeerId>().is_err() {
+                return Err(format!("link.peer `{p}` is not a PeerId (64 hex characters)"));
+            }
+        }
+        let numbers = [
+            ("keepalive_secs", self.keepalive_secs),
+            ("dead_after_secs", self.dead_after_secs),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("ratchet_bytes", self.ratchet_bytes),
+            ("ratchet_interval_secs", self.ratchet_interval_secs),
+            ("rekey_bytes", self.rekey_bytes),
+            ("rekey_interval_secs", self.rekey_interval_secs),
+            ("max_message", self.max_message.map(|v| v as u64)),
+            ("max_peers", self.max_peers.map(|v| v as u64)),
+            ("max_handshakes", self.max_handshakes.map(|v| v as u64)),
+        ];
+        for (name, v) in numbers {
+            if v == Some(0) {
+                return Err(format!("link.{name} must be at least 1"));
+            }
+        }
+        if let (Some(k), Some(d)) = (self.keepalive_secs, self.dead_after_secs) {
+            if d <= k {
+                return Err(format!("link.dead_after_secs ({d}) must exceed keepalive_secs ({k})"));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn empty_unit() -> String {
@@ -138,6 +269,7 @@ impl NodeConfig {
             if i.plugin.is_empty() {
                 return Err(invalid(format!("interface `{}` names no plugin", i.name)));
             }
+            i.link.validate().map_err(|m| invalid(format!("interface `{}`: {m}", i.name)))?;
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             return Err(invalid(format!("log filter `{}`: {e}", self.log)));
@@ -182,6 +314,22 @@ mod tests {
             }
         }
         assert!(n >= 4);
+    }
+
+    #[test]
+    fn link_settings_are_validated_and_applied() {
+        let text = r#"(interfaces: [(name: "s", plugin: "serial", link: (rekey_interval_secs: Some(600), rekey_bytes: Some(1000000)))])"#;
+        let cfg = NodeConfig::parse(text, "x").unwrap();
+        let mut lc = crate::link::LinkConfig::for_link(200, 1200);
+        cfg.interfaces[0].link.apply(&mut lc);
+        assert_eq!((lc.rekey_interval.as_secs(), lc.rekey_bytes), (600, 1_000_000));
+        for bad in [
+            r#"(interfaces: [(name: "s", plugin: "serial", link: (rekey_interval_secs: Some(0)))])"#,
+            r#"(interfaces: [(name: "s", plugin: "serial", link: (peer: Some("abc")))])"#,
+            r#"(interfaces: [(name: "s", plugin: "serial", link: (keepalive_secs: Some(9), dead_after_secs: Some(9)))])"#,
+        ] {
+            assert!(matches!(NodeConfig::parse(bad, "x"), Err(ConfigError::Invalid { .. })), "{bad}");
+        }
     }
 
     #[test]

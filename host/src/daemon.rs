@@ -3,15 +3,20 @@
 //!
 //! No protocol logic lives here. An interface whose capabilities suit QUIC (datagrams,
 //! MTU ≥ 1200, ≥ 10 kbit/s, LAN/WAN latency) gets a [`P2pEndpoint`] with the node's
-//! identity; the constrained engine for the other interfaces is a later workstream, so their
-//! inbound frames are counted and logged.
+//! identity; every other interface gets the constrained [`LinkEngine`], driven by
+//! [`run_link`] over the plugin. Either way a peer is known by the same [`crate::identity::PeerId`].
+//!
+//! Until the mesh router is attached, the only application message the daemon sends is
+//! *node info* (type byte [`MSG_NODE_INFO`], then the sender's agent string) as the first
+//! message of every link session, so operators see who and what is on each link.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::NodeConfig;
+use crate::config::{LinkSettings, NodeConfig};
 use crate::identity::Identity;
+use crate::link::{LinkConfig, LinkEngine, LinkEvent};
 use crate::quic::endpoint::{P2pConfig, P2pEndpoint, P2pEvent};
 use crate::plugin::loader::{self, PluginDirError};
 use crate::plugin::NativeTransport;
@@ -50,10 +55,20 @@ pub struct RunSummary {
     pub opened: Vec<String>,
     /// Interfaces that failed to open, with reasons.
     pub failed: Vec<(String, String)>,
-    /// Frames received over the whole run on interfaces without a session engine.
+    /// Frames received over the whole run on constrained interfaces.
     pub frames_received: u64,
     /// QUIC peers that connected over the whole run.
     pub quic_peers: u64,
+    /// Link sessions established over the whole run on constrained interfaces.
+    pub link_sessions: u64,
+}
+
+/// Message type byte of *node info*, the first message the daemon sends on a link session.
+pub const MSG_NODE_INFO: u8 = 0x01;
+
+/// This build's agent string, as sent in node info.
+pub fn agent() -> String {
+    format!("antmesh/{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Runs a node until `shutdown` resolves.
@@ -108,7 +123,19 @@ pub async fn run(
                     watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep))));
                     endpoints.push((iface.name.clone(), ep));
                 } else {
-                    pumps.push(tokio::spawn(pump(Arc::clone(&t), rx)));
+                    let mut lc = LinkConfig::from_capabilities(&caps);
+                    iface.link.apply(&mut lc);
+                    let engine = match LinkEngine::new(Arc::clone(&identity), lc) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::error!(interface = %iface.name, "no randomness for the link engine: {e}");
+                            summary.failed.push((iface.name.clone(), e.to_string()));
+                            let _ = tokio::task::spawn_blocking(move || t.close()).await;
+                            continue;
+                        }
+                    };
+                    let stop = Arc::new(tokio::sync::Notify::new());
+                    pumps.push((Arc::clone(&stop), tokio::spawn(run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop))));
                     open.push(t);
                 }
                 summary.opened.push(iface.name.clone());
@@ -138,6 +165,18 @@ pub async fn run(
         let st = ep.stats();
         summary.quic_peers += st.connections_accepted + st.connections_dialled;
     }
+    // Link drivers close their sessions (a CLOSE to each peer) before the transports go.
+    let mut drivers = Vec::new();
+    for (stop, task) in pumps {
+        stop.notify_one();
+        drivers.push(task);
+    }
+    for d in drivers {
+        if let Ok(st) = d.await {
+            summary.frames_received += st.frames_in;
+            summary.link_sessions += st.cold + st.warm + st.resumed;
+        }
+    }
     for t in open {
         // close joins plugin threads; keep it off the async workers.
         let name = t.interface().to_owned();
@@ -147,12 +186,12 @@ pub async fn run(
             Err(e) => tracing::error!(interface = %name, "close task failed: {e}"),
         }
     }
-    for p in pumps {
-        if let Ok(n) = p.await {
-            summary.frames_received += n;
-        }
-    }
-    tracing::info!(frames = summary.frames_received, quic_peers = summary.quic_peers, "node stopped");
+    tracing::info!(
+        frames = summary.frames_received,
+        quic_peers = summary.quic_peers,
+        link_sessions = summary.link_sessions,
+        "node stopped"
+    );
     Ok(summary)
 }
 
@@ -180,30 +219,119 @@ async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>) {
     }
 }
 
-async fn pump(t: SharedTransport, rx: EventReceiver) -> u64 {
+/// Drives one constrained interface: frames and link events in, the engine's frames out,
+/// timers in between. Returns the engine's counters when `stop` fires or the transport
+/// closes.
+pub async fn run_link(
+    t: SharedTransport,
+    rx: EventReceiver,
+    mut engine: LinkEngine,
+    settings: LinkSettings,
+    stop: Arc<tokio::sync::Notify>,
+) -> crate::link::LinkStats {
     let iface = t.interface().to_owned();
     let scheme = t.scheme().to_owned();
     let show = |peer: &antmesh_plugin_api::LinkAddr| match antmesh_plugin_api::TransportAddr::from_link(&scheme, peer) {
         Some(a) => a.to_string(),
         None => peer.to_string(),
     };
-    let mut frames = 0u64;
-    while let Ok(ev) = rx.recv().await {
-        match ev {
-            TransportEvent::Frames(batch) => {
-                frames += batch.len() as u64;
-                for (from, data) in &batch {
-                    tracing::debug!(interface = %iface, from = %show(from), bytes = data.len(), "frame received");
+    let dial = settings.dial.unwrap_or(true);
+    let expect = settings.peer_id();
+    // A frame the transport refused with WouldBlock; sent first once it reports Writable.
+    let mut held: Option<crate::link::Transmit> = None;
+    loop {
+        let now = std::time::Instant::now();
+        while let Some(tx) = held.take().or_else(|| engine.poll_transmit(now)) {
+            match t.send(&tx.to, &tx.frame) {
+                Ok(()) => {}
+                Err(antmesh_plugin_api::SendError::WouldBlock) => {
+                    held = Some(tx);
+                    break;
+                }
+                // Lost like a frame on the air: the engine retransmits what matters.
+                Err(e) => tracing::debug!(interface = %iface, to = %show(&tx.to), "send failed: {e}"),
+            }
+        }
+        let mut more = false;
+        while let Some(ev) = engine.poll_event() {
+            more = true;
+            match ev {
+                LinkEvent::Connected { addr, peer, mode, initiator } => {
+                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?mode, initiator, "link session up");
+                    let mut info = vec![MSG_NODE_INFO];
+                    info.extend_from_slice(agent().as_bytes());
+                    if let Err(e) = engine.send(&peer, info) {
+                        tracing::warn!(interface = %iface, %peer, "node info not sent: {e}");
+                    }
+                }
+                LinkEvent::Rekeyed { peer, .. } => tracing::debug!(interface = %iface, %peer, "link rekeyed (fresh ML-KEM-768)"),
+                LinkEvent::Message { peer, data, .. } => match data.split_first() {
+                    Some((&MSG_NODE_INFO, agent)) => {
+                        let agent: String = String::from_utf8_lossy(agent).chars().take(128).collect();
+                        tracing::info!(interface = %iface, %peer, agent = %agent, "node info received");
+                    }
+                    _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
+                },
+                LinkEvent::Disconnected { addr, peer, reason } => {
+                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?reason, "link session down")
+                }
+                LinkEvent::HandshakeFailed { addr, error } => {
+                    tracing::warn!(interface = %iface, addr = %show(&addr), "link handshake failed: {error}")
                 }
             }
-            TransportEvent::LinkUp(peer) => tracing::info!(interface = %iface, peer = %show(&peer), "link up"),
-            TransportEvent::LinkDown { peer, reason } => {
-                tracing::info!(interface = %iface, peer = %show(&peer), %reason, "link down")
+        }
+        if more {
+            // Handling events may have queued frames (node info).
+            continue;
+        }
+        let wake = engine.poll_timeout(now).map(tokio::time::Instant::from_std);
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-            TransportEvent::Writable => tracing::trace!(interface = %iface, "writable"),
+        };
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(TransportEvent::Frames(batch)) => {
+                    let now = std::time::Instant::now();
+                    for (from, data) in &batch {
+                        if let Err(e) = engine.handle_frame(now, from, data) {
+                            tracing::debug!(interface = %iface, from = %show(from), bytes = data.len(), "frame dropped: {e}");
+                        }
+                    }
+                }
+                Ok(TransportEvent::LinkUp(peer)) => {
+                    tracing::info!(interface = %iface, peer = %show(&peer), "link up");
+                    let now = std::time::Instant::now();
+                    if dial {
+                        if let Err(e) = engine.connect(now, peer.clone(), expect) {
+                            tracing::warn!(interface = %iface, peer = %show(&peer), "cannot start a session: {e}");
+                        }
+                    }
+                    engine.link_up(now, &peer);
+                }
+                Ok(TransportEvent::LinkDown { peer, reason }) => {
+                    tracing::info!(interface = %iface, peer = %show(&peer), %reason, "link down");
+                    engine.link_down(&peer);
+                }
+                Ok(TransportEvent::Writable) => {}
+                Err(_) => break,
+            },
+            () = sleep => engine.handle_timeout(std::time::Instant::now()),
+            () = stop.notified() => {
+                let now = std::time::Instant::now();
+                for (addr, _, _) in engine.sessions() {
+                    engine.close(now, &addr);
+                }
+                while let Some(tx) = engine.poll_transmit(now) {
+                    let _ = t.send(&tx.to, &tx.frame);
+                }
+                break;
+            }
         }
     }
-    frames
+    engine.stats()
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.

@@ -37,6 +37,9 @@ pub use self::session::Mode;
 use self::wire::{Frame, Kind, RejectReason, WireError, DATA_HEADER_LEN, NONCE_LEN, TAG_LEN, TICKET_ID_LEN};
 use crate::identity::{Identity, PeerId, PublicIdentity};
 
+/// The largest frame the engine sends, whatever the transport's MTU.
+pub const MAX_ENGINE_MTU: usize = 8192;
+
 /// Settings of one engine (one interface).
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -105,9 +108,11 @@ impl LinkConfig {
         }
     }
 
-    /// Settings for a transport's declared capabilities.
+    /// Settings for a transport's declared capabilities. Frames are capped at
+    /// [`MAX_ENGINE_MTU`] even where the transport takes more (pipes, TCP): that bounds
+    /// the receive window's memory and costs little on links this engine serves.
     pub fn from_capabilities(caps: &Capabilities) -> LinkConfig {
-        let mut c = LinkConfig::for_link(caps.mtu as usize, caps.bitrate_bps);
+        let mut c = LinkConfig::for_link((caps.mtu as usize).min(MAX_ENGINE_MTU), caps.bitrate_bps);
         c.latency = match caps.latency {
             antmesh_plugin_api::LatencyClass::Lan => Duration::from_millis(5),
             antmesh_plugin_api::LatencyClass::Wan => Duration::from_millis(100),
