@@ -372,3 +372,115 @@ fn state_stays_bounded_under_floods() {
     let r = e.handle_frame(now, &antmesh_plugin_api::LinkAddr::Named("y".into()), &f);
     assert!(r.is_ok());
 }
+
+/// Both ends dial at the same instant: one session, whichever way the tie-break goes;
+/// then both redial with tickets at once (crossing resumptions): again one session.
+#[test]
+fn simultaneous_opens_and_crossing_resumptions_give_one_session() {
+    let cfg = LinkConfig::for_link(200, 9_600);
+    let mut sim = pair(&cfg, SimLink::clean(9_600, 200));
+    let now = sim.now;
+    sim.nodes[0].connect(now, Sim::peer_addr(0), None).unwrap();
+    sim.nodes[1].connect(now, Sim::peer_addr(1), None).unwrap();
+    assert!(sim.run_until(Duration::from_secs(120), |s| s.connected() && s.nodes[0].is_idle() && s.nodes[1].is_idle()));
+    let (p0, p1) = (sim.nodes[0].peer_id(), sim.nodes[1].peer_id());
+    for round in 0..3u8 {
+        // Both lose the session and both redial at once, each holding a ticket.
+        let now = sim.now;
+        sim.nodes[0].close(now, &Sim::peer_addr(0));
+        sim.nodes[1].close(now, &Sim::peer_addr(1));
+        sim.run_for(Duration::from_secs(5));
+        let now = sim.now;
+        assert!(sim.nodes[0].has_ticket(&p1) && sim.nodes[1].has_ticket(&p0));
+        sim.nodes[0].connect(now, Sim::peer_addr(0), None).unwrap();
+        sim.nodes[1].connect(now, Sim::peer_addr(1), None).unwrap();
+        assert!(sim.run_until(Duration::from_secs(60), |s| s.connected()), "round {round}: {:?}", control_events(&sim));
+        assert_eq!(sim.nodes[0].sessions()[0].2, Mode::Resumed);
+        sim.nodes[0].send(&p1, vec![round; 10]).unwrap();
+        sim.nodes[1].send(&p0, vec![round; 20]).unwrap();
+        let n = usize::from(round) + 1;
+        assert!(sim.run_until(Duration::from_secs(60), |s| s.messages(0).len() == n && s.messages(1).len() == n));
+    }
+}
+
+/// A rekey whose Finish never arrives is abandoned; the session carries on under the
+/// previous generation and a later rekey succeeds.
+#[test]
+fn an_abandoned_rekey_keeps_the_session() {
+    let mut cfg = LinkConfig::for_link(256, 115_200);
+    cfg.rekey_interval = Duration::from_secs(60);
+    cfg.handshake_timeout = Duration::from_secs(20);
+    let mut sim = pair(&cfg, SimLink::clean(115_200, 256));
+    handshake(&mut sim, Duration::from_secs(60));
+    let (p0, p1) = (sim.nodes[0].peer_id(), sim.nodes[1].peer_id());
+    // Lose every Finish for a while: the first rekeys cannot complete.
+    sim.set_tamper(|_, f| if f[0] == Kind::Finish.first_byte() { Verdict::Drop } else { Verdict::Pass });
+    sim.run_for(Duration::from_secs(100));
+    assert!(sim.nodes[0].stats().handshakes_failed >= 1);
+    assert_eq!(sim.nodes[0].stats().rekeys, 0);
+    sim.nodes[0].send(&p1, b"still here".to_vec()).unwrap();
+    sim.nodes[1].send(&p0, b"me too".to_vec()).unwrap();
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.messages(0).len() == 1 && s.messages(1).len() == 1), "{:?}", control_events(&sim));
+    sim.clear_tamper();
+    assert!(sim.run_until(Duration::from_secs(200), |s| s.nodes[0].stats().rekeys >= 1 && s.nodes[1].stats().rekeys >= 1));
+    sim.nodes[0].send(&p1, b"after".to_vec()).unwrap();
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.messages(1).len() == 2));
+    assert!(!sim.events.iter().any(|(_, e)| matches!(e, LinkEvent::Disconnected { .. })), "{:?}", control_events(&sim));
+}
+
+/// An unauthenticated "Finish received" cannot stand in for the responder's proof: a
+/// forged HsAck(3) stops nothing but the Finish retransmissions.
+#[test]
+fn a_forged_finish_acknowledgement_does_not_confirm() {
+    let cfg = LinkConfig::for_link(200, 9_600);
+    let mut sim = pair(&cfg, SimLink::clean(9_600, 200));
+    // The responder never gets Finish.
+    sim.set_tamper(|k, f| if k == 0 && f[0] == Kind::Finish.first_byte() { Verdict::Drop } else { Verdict::Pass });
+    sim.record = Some(Vec::new());
+    let now = sim.now;
+    sim.nodes[0].connect(now, Sim::peer_addr(0), None).unwrap();
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.record.as_ref().is_some_and(|r| r.iter().any(|(k, f)| *k == 0 && f[0] == Kind::Finish.first_byte()))
+    });
+    let rec = sim.record.take().unwrap();
+    let Some(Ok(Frame::Fragment { tag, last, .. })) =
+        rec.iter().filter(|(k, _)| *k == 0).map(|(_, f)| Frame::decode(f)).find(|f| matches!(f, Ok(Frame::Fragment { kind: Kind::Finish, .. })))
+    else {
+        panic!("no Finish sent")
+    };
+    let have = vec![0xff; usize::from(last) / 8 + 1];
+    let mut have = have;
+    let bits = usize::from(last) % 8 + 1;
+    *have.last_mut().unwrap() = if bits == 8 { 0xff } else { (1u8 << bits) - 1 };
+    let forged = Frame::HsAck { tag, msg: 3, last, have: &have }.encode();
+    assert_eq!(sim.inject(0, &forged), Ok(()));
+    sim.run_for(Duration::from_secs(30));
+    assert!(sim.nodes[0].sessions().is_empty(), "confirmed on a forged acknowledgement");
+    assert!(!sim.events.iter().any(|(_, e)| matches!(e, LinkEvent::Connected { .. })));
+}
+
+/// Resumption does not reset the clock of the next fresh ML-KEM exchange: a chain of short
+/// resumed sessions still rekeys on schedule.
+#[test]
+fn resumed_sessions_keep_the_key_agreement_clock() {
+    let mut cfg = LinkConfig::for_link(256, 115_200);
+    cfg.rekey_interval = Duration::from_secs(100);
+    let mut sim = pair(&cfg, SimLink::clean(115_200, 256));
+    let t0 = sim.now;
+    handshake(&mut sim, Duration::from_secs(60));
+    sim.run_for(Duration::from_secs(60));
+    let now = sim.now;
+    sim.nodes[0].close(now, &Sim::peer_addr(0));
+    sim.run_for(Duration::from_secs(1));
+    handshake(&mut sim, Duration::from_secs(10));
+    assert_eq!(connected_mode(&sim, 0), Some(Mode::Resumed));
+    assert!(sim.run_until(Duration::from_secs(200), |s| s.nodes[0].stats().rekeys >= 1));
+    let at = sim.now - t0;
+    assert!(at < Duration::from_secs(110), "first fresh exchange {at:?} after the cold handshake");
+    // And a ticket older than the rekey interval is not used: a full handshake instead.
+    let now = sim.now;
+    sim.nodes[0].close(now, &Sim::peer_addr(0));
+    sim.run_for(Duration::from_secs(150));
+    handshake(&mut sim, Duration::from_secs(10));
+    assert_eq!(connected_mode(&sim, 0), Some(Mode::Warm), "{:?}", control_events(&sim));
+}

@@ -9,7 +9,8 @@
 //!
 //! - `th2 = SHA-256("antmesh link v1" ‖ Hello ‖ Reply-before-signature ‖ PeerId_r)`;
 //!   the responder signs `th2` under context `antmesh/v1/link/responder`.
-//! - `prk = HKDF-Extract(salt = th2, ikm = ML-KEM shared secret)`, `k_hs = Expand(prk, "hs")`.
+//! - `prk = HKDF-Extract(salt = th2, ikm = ML-KEM shared secret)`,
+//!   `k_hs = Expand(prk, "antmesh link hs")`.
 //! - `th3 = SHA-256(th2 ‖ sig_r ‖ Finish flags ‖ PeerId_i)`; the initiator signs it under
 //!   context `antmesh/v1/link/initiator`. Finish is sealed under `k_hs`, which proves the
 //!   initiator decapsulated; the responder's first authenticated frame proves the same for it.
@@ -426,6 +427,9 @@ pub struct Ticket {
     pub secret: Secret,
     /// The peer it was shared with.
     pub peer: PeerId,
+    /// When the ML-KEM exchange this ticket descends from took place: resumptions do not
+    /// reset the clock that schedules the next fresh exchange.
+    pub kem_at: std::time::Instant,
 }
 
 fn resume_keys(ticket: &Ticket, nonce_i: &[u8; NONCE_LEN]) -> (Secret, PacketKey, PacketKey) {
@@ -559,7 +563,7 @@ mod tests {
 
     #[test]
     fn resumption_agrees_and_refuses_a_wrong_secret() {
-        let t = Ticket { id: [4; 16], secret: Zeroizing::new([5; 32]), peer: PeerId([0; 32]) };
+        let t = Ticket { id: [4; 16], secret: Zeroizing::new([5; 32]), peer: PeerId([0; 32]), kem_at: std::time::Instant::now() };
         let nonce = [6; 16];
         let head = [[0x25, 0, 1].as_slice(), &t.id, &nonce].concat();
         let mac = resume_mac(&t, &head, &nonce);

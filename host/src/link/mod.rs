@@ -300,6 +300,12 @@ pub enum ConnectError {
     /// A handshake message does not fit 256 fragments at this MTU.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    /// The transport's MTU is below [`wire::MIN_MTU`].
+    #[error("MTU {mtu} is below the engine's minimum of {} bytes", wire::MIN_MTU)]
+    MtuTooSmall {
+        /// The MTU.
+        mtu: usize,
+    },
 }
 
 /// Why `send` refused a message.
@@ -358,6 +364,8 @@ struct InitHs {
     out: Outgoing,
     rx: Reassembly,
     nack_at: Option<Instant>,
+    /// When the responder acknowledged Finish (not yet authenticated).
+    acked_at: Option<Instant>,
     rekey: bool,
     mode: Mode,
     expect: Option<PeerId>,
@@ -365,6 +373,7 @@ struct InitHs {
 
 struct RespHs {
     tag: u16,
+    hello_last: u8,
     started: Instant,
     wait: ResponderWait,
     out: Outgoing,
@@ -403,7 +412,7 @@ impl Hs {
 
 /// A completed responder-side exchange, kept to answer retransmissions of its last message.
 enum Completed {
-    Full { tag: u16 },
+    Full { tag: u16, last: u8 },
     Resume { request: Vec<u8>, answer: Vec<u8> },
 }
 
@@ -583,6 +592,9 @@ impl LinkEngine {
     /// whichever this node can) and again whenever the session ends. `expect` is the id
     /// the peer must prove, when known.
     pub fn connect(&mut self, now: Instant, addr: LinkAddr, expect: Option<PeerId>) -> Result<(), ConnectError> {
+        if self.cfg.mtu < wire::MIN_MTU {
+            return Err(ConnectError::MtuTooSmall { mtu: self.cfg.mtu });
+        }
         let i = self.peer_index(&addr).ok_or(ConnectError::TooManyPeers)?;
         self.peers[i].want = Some(expect);
         self.peers[i].failures = 0;
@@ -631,7 +643,8 @@ impl LinkEngine {
         let p = &self.peers[i];
         let target = p.want.flatten().or(p.session.as_ref().map(|s| s.peer.peer_id())).or(p.last_peer);
         if !rekey && self.cfg.resumption {
-            if let Some(t) = target.and_then(|id| self.ticket_by_peer.get(&id)).and_then(|tid| self.tickets.get(tid)) {
+            let fresh = |t: &&Ticket| now.saturating_duration_since(t.kem_at) < self.cfg.rekey_interval;
+            if let Some(t) = target.and_then(|id| self.ticket_by_peer.get(&id)).and_then(|tid| self.tickets.get(tid)).filter(fresh) {
                 let nonce = self.rng.bytes::<NONCE_LEN>();
                 let mut head = vec![Kind::Resume.first_byte()];
                 head.extend_from_slice(&tag.to_be_bytes());
@@ -655,6 +668,7 @@ impl LinkEngine {
             out,
             rx: Reassembly::new(handshake::MAX_REPLY),
             nack_at: None,
+            acked_at: None,
             rekey,
             mode: if known.is_some() { Mode::Warm } else { Mode::Cold },
             expect: self.peers[i].want.flatten(),
@@ -708,11 +722,12 @@ impl LinkEngine {
     fn on_hello(&mut self, now: Instant, i: usize, tag: u16, index: u8, last: u8, bytes: &[u8]) -> Result<(), FrameError> {
         let p = &mut self.peers[i];
         match &p.hs {
-            Some(Hs::Resp(h)) if h.tag == tag => {
+            Some(Hs::Resp(h)) if h.tag == tag && h.hello_last == last => {
                 // Our Reply has not reached the initiator yet; tell it Hello arrived.
                 p.control.push_back(Self::full_ack(tag, 1, last));
                 return Ok(());
             }
+            Some(Hs::Resp(h)) if h.tag == tag => return Err(FrameError::Ignored(Kind::Hello)),
             Some(Hs::Init(h)) if h.tag == tag => return Err(FrameError::Ignored(Kind::Hello)),
             _ => {}
         }
@@ -733,14 +748,10 @@ impl LinkEngine {
             return Ok(());
         };
         p.hello_rx = None;
-        // Simultaneous open: the Hello with the larger nonce wins.
-        if let Some(Hs::Init(mine)) = &p.hs {
-            if let InitStage::AwaitReply(_) = mine.stage {
-                let theirs = hello.get(1..1 + NONCE_LEN).unwrap_or_default();
-                if mine.nonce.as_slice() > theirs {
-                    return Err(FrameError::Ignored(Kind::Hello));
-                }
-            }
+        // Simultaneous open: the initiation with the larger nonce wins.
+        let theirs = hello.get(1..1 + NONCE_LEN).unwrap_or_default();
+        if Self::my_initiation_nonce(p).is_some_and(|mine| mine.as_slice() > theirs) {
+            return Err(FrameError::Ignored(Kind::Hello));
         }
         let busy = p.hs.is_none() && self.handshakes_in_progress() >= self.cfg.max_handshakes;
         if busy {
@@ -758,7 +769,7 @@ impl LinkEngine {
             Ok(w) => w,
             Err(e) => return Err(self.fail(now, i, e)),
         };
-        let mode = if wait.reply.first().is_some_and(|f| f & (handshake::HAS_KEY) != 0) || wait.reply.first().is_some_and(|f| f & handshake::SEND_KEY != 0) {
+        let mode = if wait.reply.first().is_some_and(|f| f & (handshake::HAS_KEY | handshake::SEND_KEY) != 0) {
             Mode::Cold
         } else {
             Mode::Warm
@@ -767,6 +778,7 @@ impl LinkEngine {
         let max_finish = handshake::MAX_FINISH;
         self.peers[i].hs = Some(Hs::Resp(Box::new(RespHs {
             tag,
+            hello_last: last,
             started: now,
             wait,
             out,
@@ -777,17 +789,28 @@ impl LinkEngine {
         Ok(())
     }
 
+    /// The nonce of this node's own initiation to `p` that the peer has not answered yet
+    /// (a Hello awaiting its Reply, or a Resume), for the simultaneous-open tie-break.
+    fn my_initiation_nonce(p: &Peer) -> Option<[u8; NONCE_LEN]> {
+        match &p.hs {
+            Some(Hs::Init(h)) if matches!(h.stage, InitStage::AwaitReply(_)) => Some(h.nonce),
+            Some(Hs::Resume(h)) => Some(h.nonce),
+            _ => None,
+        }
+    }
+
     /// Records a failed handshake and returns the error for the caller to propagate.
     fn fail(&mut self, now: Instant, i: usize, e: HandshakeError) -> FrameError {
         self.stats.handshakes_failed += 1;
         let delay = self.retry_delay(self.peers[i].failures + 1);
+        let grace = self.grace();
         let p = &mut self.peers[i];
         if let Some(Hs::Init(h)) = &p.hs {
             if matches!(h.stage, InitStage::AwaitConfirm) {
                 if h.rekey {
                     // The running generation stays; only the new one is abandoned.
                     if let Some(s) = p.session.as_mut() {
-                        s.abandon_rekey();
+                        s.abandon_rekey(now, grace);
                     }
                 } else {
                     p.session = None;
@@ -796,7 +819,8 @@ impl LinkEngine {
         }
         p.hs = None;
         p.failures += 1;
-        if p.want.is_some() {
+        // The next attempt (a redial, or the next rekey of a running session) backs off.
+        if p.want.is_some() || p.session.is_some() {
             p.retry_at = Some(now + delay);
         }
         self.events.push_back(LinkEvent::HandshakeFailed { addr: p.addr.clone(), error: e.clone() });
@@ -842,12 +866,13 @@ impl LinkEngine {
             Err(e) => return Err(self.fail(now, i, e.into())),
         };
         h.out = out;
-        if reply.first().is_some_and(|f| f & handshake::HAS_KEY != 0) {
+        // Cold when any public key travels: the responder's, or ours because it asked.
+        if reply.first().is_some_and(|f| f & (handshake::HAS_KEY | handshake::SEND_KEY) != 0) {
             h.mode = Mode::Cold;
         }
         let peer = done.peer.clone();
         self.add_known_key(done.peer);
-        self.store_ticket(peer.peer_id(), &done.secrets);
+        self.store_ticket(peer.peer_id(), &done.secrets, now);
         let grace = self.grace();
         let p = &mut self.peers[i];
         let continues = done.continues && p.session.as_ref().is_some_and(|s| s.peer.peer_id() == peer.peer_id());
@@ -857,7 +882,7 @@ impl LinkEngine {
                 s.rekey(i2r, r2i, now, grace, false);
             }
         } else {
-            if let Some(old) = p.session.take() {
+            if let Some(old) = p.session.take().filter(|o| o.confirmed) {
                 self.events.push_back(LinkEvent::Disconnected { addr: p.addr.clone(), peer: old.peer.peer_id(), reason: DisconnectReason::Replaced });
             }
             p.session = Some(Session::new(peer, true, h.mode, Arq::new(self.cfg.arq()), i2r, r2i, false, now));
@@ -866,17 +891,19 @@ impl LinkEngine {
         Ok(())
     }
 
+    /// How long the previous generation's receive keys stay after a rekey: frames sealed
+    /// under them may still be in flight, and an abandoned rekey falls back to them.
     fn grace(&self) -> Duration {
-        (self.cfg.arq().max_rto).max(self.cfg.handshake_timeout)
+        self.cfg.arq().max_rto + self.cfg.handshake_timeout
     }
 
-    fn store_ticket(&mut self, peer: PeerId, s: &SessionSecrets) {
+    fn store_ticket(&mut self, peer: PeerId, s: &SessionSecrets, kem_at: Instant) {
         if let Some(old) = self.ticket_by_peer.remove(&peer) {
             self.tickets.remove(&old);
         }
         let mut secret = zeroize::Zeroizing::new([0u8; 32]);
         secret.copy_from_slice(&s.resume[..]);
-        self.tickets.insert(s.ticket, Ticket { id: s.ticket, secret, peer });
+        self.tickets.insert(s.ticket, Ticket { id: s.ticket, secret, peer, kem_at });
         self.ticket_by_peer.insert(peer, s.ticket);
         self.ticket_order.push_back(s.ticket);
         while self.tickets.len() > self.cfg.max_tickets {
@@ -900,7 +927,7 @@ impl LinkEngine {
 
     fn on_finish(&mut self, now: Instant, i: usize, tag: u16, index: u8, last: u8, bytes: &[u8]) -> Result<(), FrameError> {
         let p = &mut self.peers[i];
-        if matches!(&p.completed, Some(Completed::Full { tag: t, .. }) if *t == tag) {
+        if matches!(&p.completed, Some(Completed::Full { tag: t, last: l }) if *t == tag && *l == last) {
             // Our acknowledgement was lost; the initiator is probing. Answer only while the
             // session it would confirm still exists, and with an authenticated ping too.
             let Some(s) = p.session.as_mut() else { return Err(FrameError::Ignored(Kind::Finish)) };
@@ -929,12 +956,12 @@ impl LinkEngine {
         };
         let id = peer.peer_id();
         self.add_known_key(peer.clone());
-        self.store_ticket(id, &secrets);
+        self.store_ticket(id, &secrets, now);
         let grace = self.grace();
         let arq_cfg = self.cfg.arq();
         let p = &mut self.peers[i];
         p.control.push_back(Self::full_ack(tag, 3, last));
-        p.completed = Some(Completed::Full { tag });
+        p.completed = Some(Completed::Full { tag, last });
         p.last_peer = Some(id);
         p.failures = 0;
         let SessionSecrets { i2r, r2i, .. } = secrets;
@@ -942,11 +969,12 @@ impl LinkEngine {
         if continues {
             if let Some(s) = p.session.as_mut() {
                 s.rekey(r2i, i2r, now, grace, true);
+                s.arq.ping();
             }
             self.stats.rekeys += 1;
             self.events.push_back(LinkEvent::Rekeyed { addr: p.addr.clone(), peer: id });
         } else {
-            if let Some(old) = p.session.take() {
+            if let Some(old) = p.session.take().filter(|o| o.confirmed) {
                 self.events.push_back(LinkEvent::Disconnected { addr: p.addr.clone(), peer: old.peer.peer_id(), reason: DisconnectReason::Replaced });
             }
             let mut session = Session::new(peer, false, h.mode, Arq::new(arq_cfg), r2i, i2r, true, now);
@@ -1013,8 +1041,10 @@ impl LinkEngine {
                 Ok(())
             }
             (Some(Hs::Init(h)), 3) if h.tag == tag && matches!(h.stage, InitStage::AwaitConfirm) => {
-                if h.out.on_ack(last, have) {
-                    self.confirm(now, i);
+                // Unauthenticated, so it only stops Finish; what confirms is an authenticated
+                // frame under the new keys (the responder's ping, or the answer to ours).
+                if h.out.on_ack(last, have) && h.acked_at.is_none() {
+                    h.acked_at = Some(now);
                 }
                 Ok(())
             }
@@ -1040,7 +1070,11 @@ impl LinkEngine {
                 return Ok(());
             }
         }
-        let Some(t) = self.tickets.get(ticket) else {
+        if Self::my_initiation_nonce(&self.peers[i]).is_some_and(|mine| mine.as_slice() > nonce.as_slice()) {
+            return Err(FrameError::Ignored(Kind::Resume));
+        }
+        let fresh = |t: &&Ticket| now.saturating_duration_since(t.kem_at) < self.cfg.rekey_interval;
+        let Some(t) = self.tickets.get(ticket).filter(fresh) else {
             self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::UnknownTicket as u8 }.encode());
             return Err(FrameError::UnknownTicket);
         };
@@ -1050,12 +1084,13 @@ impl LinkEngine {
         ok_head.extend_from_slice(&r_nonce);
         let (ok_mac, secrets) = handshake::resume_accept(t, frame, nonce, mac, &ok_head)?;
         let Some(t) = self.take_ticket(ticket) else { return Ok(()) };
+        let kem_at = t.kem_at;
         let Some(peer) = self.keys.get(&t.peer).cloned() else {
             // Tickets are only filed for peers whose key is cached; the key was evicted.
             self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::UnknownTicket as u8 }.encode());
             return Err(FrameError::UnknownTicket);
         };
-        self.store_ticket(t.peer, &secrets);
+        self.store_ticket(t.peer, &secrets, kem_at);
         let mut answer = ok_head;
         answer.extend_from_slice(&ok_mac);
         let arq_cfg = self.cfg.arq();
@@ -1064,11 +1099,13 @@ impl LinkEngine {
         p.completed = Some(Completed::Resume { request: frame.to_vec(), answer });
         p.last_peer = Some(t.peer);
         p.hs = None;
-        if let Some(old) = p.session.take() {
+        if let Some(old) = p.session.take().filter(|o| o.confirmed) {
             self.events.push_back(LinkEvent::Disconnected { addr: p.addr.clone(), peer: old.peer.peer_id(), reason: DisconnectReason::Replaced });
         }
         let SessionSecrets { i2r, r2i, .. } = secrets;
-        p.session = Some(Session::new(peer, false, Mode::Resumed, Arq::new(arq_cfg), r2i, i2r, true, now));
+        let mut session = Session::new(peer, false, Mode::Resumed, Arq::new(arq_cfg), r2i, i2r, true, now);
+        session.keys_since = kem_at;
+        p.session = Some(session);
         Self::count_mode(&mut self.stats, Mode::Resumed);
         self.events.push_back(LinkEvent::Connected { addr: p.addr.clone(), peer: t.peer, mode: Mode::Resumed, initiator: false });
         Ok(())
@@ -1088,19 +1125,22 @@ impl LinkEngine {
         };
         let peer_id = h.peer;
         let ticket = h.ticket;
+        let kem_at = t.kem_at;
         let Some(peer) = self.keys.get(&peer_id).cloned() else { return Err(FrameError::UnknownTicket) };
         self.take_ticket(&ticket);
-        self.store_ticket(peer_id, &secrets);
+        self.store_ticket(peer_id, &secrets, kem_at);
         let arq_cfg = self.cfg.arq();
         let p = &mut self.peers[i];
         p.hs = None;
         p.failures = 0;
         p.last_peer = Some(peer_id);
-        if let Some(old) = p.session.take() {
+        if let Some(old) = p.session.take().filter(|o| o.confirmed) {
             self.events.push_back(LinkEvent::Disconnected { addr: p.addr.clone(), peer: old.peer.peer_id(), reason: DisconnectReason::Replaced });
         }
         let SessionSecrets { i2r, r2i, .. } = secrets;
-        p.session = Some(Session::new(peer, true, Mode::Resumed, Arq::new(arq_cfg), i2r, r2i, true, now));
+        let mut session = Session::new(peer, true, Mode::Resumed, Arq::new(arq_cfg), i2r, r2i, true, now);
+        session.keys_since = kem_at;
+        p.session = Some(session);
         Self::count_mode(&mut self.stats, Mode::Resumed);
         self.events.push_back(LinkEvent::Connected { addr: p.addr.clone(), peer: peer_id, mode: Mode::Resumed, initiator: true });
         Ok(())
@@ -1128,6 +1168,7 @@ impl LinkEngine {
     }
 
     fn on_data(&mut self, now: Instant, i: usize, header: &[u8; DATA_HEADER_LEN], key_id: u8, pn: u32, sealed: &[u8]) -> Result<(), FrameError> {
+        let (room, limits) = (self.cfg.packet_room(), self.limits());
         let p = &mut self.peers[i];
         let Some(s) = p.session.as_mut() else { return Err(FrameError::NoSession) };
         let (plain, newest) = s.open(now, key_id, pn, header, sealed)?;
@@ -1136,6 +1177,11 @@ impl LinkEngine {
             Ok(g) => g,
             Err(e) => {
                 s.arq.close(1);
+                if let Some(plain) = s.arq.poll_packet(now, room, false) {
+                    if let Ok(f) = s.seal(now, &limits, plain) {
+                        p.control.push_back(f);
+                    }
+                }
                 self.end_session(now, i, DisconnectReason::Protocol(e));
                 return Err(FrameError::Arq(e));
             }
@@ -1193,12 +1239,7 @@ impl LinkEngine {
     fn peer_timers(&mut self, now: Instant, i: usize) {
         if let Some(hs) = &self.peers[i].hs {
             if hs.started() + self.cfg.handshake_timeout <= now {
-                let rekey = matches!(hs, Hs::Init(h) if h.rekey);
                 let _ = self.fail(now, i, HandshakeError::Timeout);
-                if rekey {
-                    // The old generation still works; try again later.
-                    self.peers[i].retry_at = None;
-                }
             }
         }
         let cfg = self.cfg.clone();
@@ -1222,6 +1263,12 @@ impl LinkEngine {
             Some(Hs::Init(h)) => {
                 if !h.out.all_acked() && !h.out.has_queued() && h.out.last_sent.is_some_and(|t| t + cfg.hs_rto(h.out.rounds) <= now) {
                     h.out.queue_probe();
+                }
+                if let (Some(at), Some(s)) = (h.acked_at, p.session.as_mut()) {
+                    // Finish arrived but no authenticated frame came back: ask for one.
+                    if at + s.arq.rto() <= now && now.saturating_duration_since(s.last_tx) >= s.arq.rto() {
+                        s.arq.ping();
+                    }
                 }
                 if nack_hs {
                     if let Some((l, have)) = h.rx.have() {
@@ -1396,6 +1443,9 @@ impl LinkEngine {
                         if let Some(ls) = h.out.last_sent {
                             at(ls + cfg.hs_rto(h.out.rounds));
                         }
+                    }
+                    if let (Some(a), Some(s)) = (h.acked_at, &p.session) {
+                        at((a + s.arq.rto()).max(s.last_tx + s.arq.rto()));
                     }
                     nack(&h.rx, h.nack_at, &mut at);
                 }

@@ -19,9 +19,9 @@ use crate::identity::PublicIdentity;
 /// How the keys of a session were agreed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
-    /// Full handshake; public keys were exchanged.
+    /// Full handshake; at least one public key travelled.
     Cold,
-    /// Full handshake; at least one side had the other's public key cached.
+    /// Full handshake; no public key travelled (each side had the other's cached).
     Warm,
     /// Resumed from a ticket of an earlier session (no new ML-KEM exchange).
     Resumed,
@@ -222,10 +222,18 @@ impl Session {
         }
     }
 
-    /// Drops a rekey the responder never confirmed. Its receive keys stay until the grace
-    /// period ends (the responder may already send under them).
-    pub(crate) fn abandon_rekey(&mut self) {
-        self.tx_next = None;
+    /// Drops a rekey the responder never confirmed: back to the previous generation, whose
+    /// keys the responder still uses unless it completed the exchange. The abandoned
+    /// receive keys stay for the grace period, for that case.
+    pub(crate) fn abandon_rekey(&mut self, now: Instant, grace: Duration) {
+        if self.tx_next.take().is_none() {
+            return;
+        }
+        if let Some((old, _)) = self.rx_old.take() {
+            let newer = std::mem::replace(&mut self.rx, old);
+            self.gen = self.rx.gen;
+            self.rx_old = Some((newer, now + grace));
+        }
     }
 
     /// Whether a rekey is waiting for the responder's confirmation.
@@ -261,14 +269,16 @@ impl Session {
         }
         let gen = key_id >> 6;
         let epoch6 = key_id & 63;
-        let r = if gen == self.rx.gen {
-            self.rx.open(epoch6, pn, header, sealed).map(|p| (p, true))
-        } else {
-            match self.rx_old.as_mut() {
-                Some((old, _)) if old.gen == gen => old.open(epoch6, pn, header, sealed).map(|p| (p, false)),
-                _ => Err(OpenError::UnknownKey),
+        let mut r = Err(OpenError::UnknownKey);
+        if gen == self.rx.gen {
+            r = self.rx.open(epoch6, pn, header, sealed).map(|p| (p, true));
+        }
+        if r.is_err() {
+            // After an abandoned rekey both generations may carry the same 2-bit number.
+            if let Some((old, _)) = self.rx_old.as_mut().filter(|(o, _)| o.gen == gen) {
+                r = old.open(epoch6, pn, header, sealed).map(|p| (p, false));
             }
-        };
+        }
         match &r {
             Ok(_) => self.last_rx = now,
             Err(OpenError::Replay) => self.replays += 1,

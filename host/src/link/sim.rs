@@ -225,7 +225,11 @@ impl Sim {
                     next = Some(next.map_or(t, |n| n.min(t)));
                 }
             }
-            let Some(mut next) = next else { return false };
+            let Some(mut next) = next else {
+                // Nothing will ever happen again: time still passes.
+                self.now = deadline;
+                return false;
+            };
             if next <= self.now {
                 // A timer due now that handle_timeout did not clear: step past it rather
                 // than spin, so a bug shows up as slowness in a test, not a hang.
