@@ -561,6 +561,57 @@ mod tests {
         assert_eq!(accept(&r, &done.finish).err().unwrap(), HandshakeError::KeyMismatch { claimed: a.peer_id() });
     }
 
+    proptest::proptest! {
+        /// Message bodies decode to the fields they were built from, and any other length
+        /// or unknown flag is refused.
+        #[test]
+        fn message_bodies_round_trip(
+            nonce in proptest::prelude::any::<[u8; 16]>(),
+            peer in proptest::prelude::any::<[u8; 32]>(),
+            hint in proptest::option::of(proptest::prelude::any::<[u8; HINT_LEN]>()),
+            cont in proptest::prelude::any::<bool>(),
+            with_key in proptest::prelude::any::<bool>(),
+            fill in proptest::prelude::any::<u8>(),
+            cut in 1usize..40,
+        ) {
+            let ek = [fill; EK_LEN];
+            let flags = if hint.is_some() { HELLO_KNOWS_KEY } else { 0 } | if cont { CONTINUE } else { 0 };
+            let h = Hello { flags, nonce: &nonce, peer: PeerId(peer), hint: hint.as_ref(), ek: &ek };
+            let bytes = h.encode();
+            proptest::prop_assert_eq!(Hello::decode(&bytes).unwrap(), h);
+            proptest::prop_assert!(Hello::decode(&bytes[..bytes.len() - cut]).is_err());
+
+            let key = [fill ^ 1; PUBLIC_KEY_LEN];
+            let sig = [fill ^ 2; SIGNATURE_LEN];
+            let ct = [fill ^ 3; CT_LEN];
+            let rflags = if with_key { HAS_KEY } else { 0 } | if cont { CONTINUE } else { 0 } | SEND_KEY;
+            let mut reply = vec![rflags];
+            reply.extend_from_slice(&nonce);
+            reply.extend_from_slice(&ct);
+            if with_key {
+                reply.extend_from_slice(&key);
+            }
+            reply.extend_from_slice(&sig);
+            let r = Reply::decode(&reply).unwrap();
+            proptest::prop_assert_eq!((r.flags, r.nonce, r.ct, r.key.is_some(), r.sig), (rflags, &nonce, &ct, with_key, &sig));
+            proptest::prop_assert_eq!(r.signed.len(), reply.len() - SIGNATURE_LEN);
+            proptest::prop_assert!(Reply::decode(&reply[..reply.len() - cut]).is_err());
+            let mut bad = reply.clone();
+            bad[0] |= 0x80;
+            proptest::prop_assert!(Reply::decode(&bad).is_err());
+
+            let fflags = if with_key { HAS_KEY } else { 0 };
+            let mut fin = vec![fflags];
+            if with_key {
+                fin.extend_from_slice(&key);
+            }
+            fin.extend_from_slice(&sig);
+            let f = FinishBody::decode(&fin).unwrap();
+            proptest::prop_assert_eq!((f.flags, f.key.is_some(), f.sig), (fflags, with_key, &sig));
+            proptest::prop_assert!(FinishBody::decode(&fin[..fin.len() - cut]).is_err());
+        }
+    }
+
     #[test]
     fn resumption_agrees_and_refuses_a_wrong_secret() {
         let t = Ticket { id: [4; 16], secret: Zeroizing::new([5; 32]), peer: PeerId([0; 32]), kem_at: std::time::Instant::now() };

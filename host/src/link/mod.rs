@@ -753,6 +753,21 @@ impl LinkEngine {
         if Self::my_initiation_nonce(p).is_some_and(|mine| mine.as_slice() > theirs) {
             return Err(FrameError::Ignored(Kind::Hello));
         }
+        if let Some(Hs::Init(mine)) = &p.hs {
+            if matches!(mine.stage, InitStage::AwaitConfirm) {
+                // The peer answered our Hello and now starts its own: it dropped our attempt
+                // (timeout, restart). Abandon ours before answering.
+                if mine.rekey {
+                    let grace = self.cfg.arq().max_rto + self.cfg.handshake_timeout;
+                    if let Some(s) = p.session.as_mut() {
+                        s.abandon_rekey(now, grace);
+                    }
+                } else {
+                    p.session = None;
+                }
+                p.hs = None;
+            }
+        }
         let busy = p.hs.is_none() && self.handshakes_in_progress() >= self.cfg.max_handshakes;
         if busy {
             self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Busy as u8 }.encode());
@@ -855,7 +870,8 @@ impl LinkEngine {
         let Some(Hs::Init(mut h)) = p.hs.take() else { return Ok(()) };
         let InitStage::AwaitReply(st) = std::mem::replace(&mut h.stage, InitStage::AwaitConfirm) else { return Ok(()) };
         let expect = h.expect;
-        let cached = expect.or(p.last_peer).or(p.session.as_ref().map(|s| s.peer.peer_id())).and_then(|id| self.keys.get(&id)).cloned();
+        // The same id start_handshake hinted at.
+        let cached = expect.or(p.session.as_ref().map(|s| s.peer.peer_id())).or(p.last_peer).and_then(|id| self.keys.get(&id)).cloned();
         let can_continue = h.rekey && p.session.as_ref().is_some_and(|s| s.confirmed);
         let done = match handshake::finish(&self.me, st, &reply, cached.as_ref(), expect.as_ref(), can_continue) {
             Ok(d) => d,
