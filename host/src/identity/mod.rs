@@ -88,6 +88,12 @@ pub struct PublicIdentity {
     peer_id: PeerId,
 }
 
+impl fmt::Debug for PublicIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicIdentity({:?})", self.peer_id)
+    }
+}
+
 /// Why a public key or signature was refused.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

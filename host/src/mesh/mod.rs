@@ -10,3 +10,4 @@ pub mod dest;
 pub mod packet;
 pub mod router;
 pub mod sim;
+pub mod store;

@@ -20,6 +20,7 @@ use crate::link::crypto::Rng;
 use super::announce::{Announce, AnnounceBody, AnnounceError, CompactAnnounce, ID_LEN};
 use super::dest::{DestinationHash, ServiceName};
 use super::packet::{Packet, PacketError, TAG_LEN};
+use super::store::{AnnounceRecord, PathRecord, Snapshot};
 
 /// A neighbour as the host numbers it (one per authenticated session).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,6 +286,8 @@ pub struct Router {
     out: VecDeque<(NeighbourId, Vec<u8>)>,
     events: VecDeque<MeshEvent>,
     stats: RouterStats,
+    /// Paths loaded from the store, by next-hop identity, waiting for that neighbour.
+    restored: HashMap<PeerId, Vec<PathRecord>>,
 }
 
 impl Router {
@@ -309,6 +312,7 @@ impl Router {
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: RouterStats::default(),
+            restored: HashMap::new(),
             cfg,
         }
     }
@@ -331,9 +335,101 @@ impl Router {
         self.stats.clone()
     }
 
-    /// A neighbour came up (an authenticated session).
+    /// A neighbour came up (an authenticated session). Stored paths through it come back.
     pub fn add_neighbour(&mut self, now: Instant, id: NeighbourId, info: NeighbourInfo) {
+        let peer = info.peer;
         self.neighbours.insert(id, Neighbour { info, tokens: 0.0, refilled: now, queue: VecDeque::new() });
+        if let Some(records) = self.restored.remove(&peer) {
+            let now_ms = self.unix_ms(now);
+            for r in records {
+                let newer_known = self.paths.get(&r.dest).is_some_and(|p| p.timestamp_ms > r.timestamp_ms);
+                if r.expires_ms <= now_ms || newer_known || !self.better_or_absent(&r.dest, r.cost, r.hops, r.timestamp_ms) {
+                    continue;
+                }
+                let entry = PathEntry {
+                    next_hop: id,
+                    hops: r.hops,
+                    cost: r.cost,
+                    timestamp_ms: r.timestamp_ms,
+                    learned: now,
+                    expires: self.instant_of(r.expires_ms),
+                    rtt: None,
+                    verified: r.verified,
+                };
+                self.paths.insert(r.dest, entry);
+                let dest_peer = self.cache.get(&r.dest).map_or(peer, |c| c.body.peer);
+                self.events.push_back(MeshEvent::PathLearned { dest: r.dest, peer: dest_peer, next_hop: id, hops: r.hops });
+            }
+        }
+    }
+
+    fn better_or_absent(&self, dest: &DestinationHash, cost: u16, hops: u8, ts: u64) -> bool {
+        self.paths.get(dest).is_none_or(|p| ts > p.timestamp_ms || (ts == p.timestamp_ms && (cost, hops) < (p.cost, p.hops)))
+    }
+
+    /// The state to persist: paths (by next-hop identity), announces and known keys.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let _ = now;
+        let mut snap = Snapshot::default();
+        for (dest, p) in &self.paths {
+            let Some(n) = self.neighbours.get(&p.next_hop) else { continue };
+            snap.paths.push(PathRecord {
+                dest: *dest,
+                next_hop: n.info.peer,
+                hops: p.hops,
+                cost: p.cost,
+                timestamp_ms: p.timestamp_ms,
+                expires_ms: self.unix_ms(p.expires),
+                verified: p.verified,
+            });
+        }
+        // Restored paths whose neighbour has not come back yet are kept too.
+        for records in self.restored.values() {
+            snap.paths.extend(records.iter().cloned());
+        }
+        for (dest, c) in &self.cache {
+            snap.announces.push(AnnounceRecord { dest: *dest, compact: c.compact.clone(), full: c.full.as_ref().map(|a| a.encode(None)) });
+        }
+        snap.keys = self.keys.values().cloned().collect();
+        snap
+    }
+
+    /// Loads persisted state (at start). Announces are checked again (binding, expiry, and
+    /// the signature of full forms); paths wait for their next hop to come back.
+    pub fn restore(&mut self, now: Instant, snap: Snapshot) {
+        let now_ms = self.unix_ms(now);
+        for k in snap.keys {
+            self.add_known_key(k);
+        }
+        for a in snap.announces {
+            let Ok(c) = CompactAnnounce::decode(&a.compact) else { continue };
+            if c.body.dest != a.dest || c.body.expires_ms() <= now_ms {
+                continue;
+            }
+            let keys = &self.keys;
+            let full = a
+                .full
+                .and_then(|f| Announce::decode_verify(&f, |p| keys.get(p).cloned()).ok())
+                .map(|(x, _)| x)
+                .filter(|x| x.id() == c.id);
+            self.seen.insert(c.id);
+            if self.cache.len() < self.cfg.max_paths {
+                self.cache.insert(a.dest, Cached { full, body: c.body, id: c.id, compact: a.compact });
+            }
+        }
+        for p in snap.paths {
+            if p.expires_ms > now_ms {
+                self.restored.entry(p.next_hop).or_default().push(p);
+            }
+        }
+        let up: Vec<(NeighbourId, PeerId)> = self.neighbours.iter().map(|(id, n)| (*id, n.info.peer)).collect();
+        for (id, peer) in up {
+            if let Some(info) = self.neighbours.get(&id).map(|n| n.info.clone()) {
+                if self.restored.contains_key(&peer) {
+                    self.add_neighbour(now, id, info);
+                }
+            }
+        }
     }
 
     /// A neighbour went away: paths through it are lost.

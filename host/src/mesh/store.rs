@@ -1,0 +1,229 @@
+//! The mesh's persistent state: path table, announce cache and known identities, in an
+//! embedded crash-safe store (redb: copy-on-write B-trees, a commit is atomic and durable).
+//!
+//! The router stays sans-IO: it exports a [`Snapshot`] and restores one; this module only
+//! moves snapshots to and from disk. A path is stored with the *PeerId* of its next hop
+//! (neighbour numbers do not survive a restart) and comes back when a neighbour with that
+//! id is up again. Expiry is wall-clock, so it is honoured across restarts: whatever
+//! expired while the node was down is dropped on load.
+//!
+//! Records (big-endian):
+//!
+//! ```text
+//! paths      dest[16] → next-hop PeerId[32] | hops u8 | cost u16 | timestamp u64 | expires u64 (ms) | verified u8
+//! announces  dest[16] → has-full u8 | compact-len u16 | compact form | full form (no key)
+//! keys       PeerId[32] → ML-DSA-65 public key[1952]
+//! ```
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::identity::{PeerId, PublicIdentity};
+
+use super::dest::DestinationHash;
+
+const PATHS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("paths");
+const ANNOUNCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("announces");
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+
+/// One stored path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRecord {
+    /// Destination.
+    pub dest: DestinationHash,
+    /// The next hop's identity.
+    pub next_hop: PeerId,
+    /// Hops.
+    pub hops: u8,
+    /// Cost.
+    pub cost: u16,
+    /// The announce's origin timestamp.
+    pub timestamp_ms: u64,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Verified in full here.
+    pub verified: bool,
+}
+
+/// One stored announce: the compact form always, the full form (without the public key)
+/// when this node verified it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceRecord {
+    /// Destination.
+    pub dest: DestinationHash,
+    /// Compact form (body ‖ id).
+    pub compact: Vec<u8>,
+    /// Full form without the key.
+    pub full: Option<Vec<u8>>,
+}
+
+/// What the router persists.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// Paths.
+    pub paths: Vec<PathRecord>,
+    /// Announces.
+    pub announces: Vec<AnnounceRecord>,
+    /// Known identities.
+    pub keys: Vec<PublicIdentity>,
+}
+
+/// Why the store failed.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Opening or creating the database file.
+    #[error("mesh store {path}: {source}")]
+    Open {
+        /// The file.
+        path: String,
+        /// Why.
+        source: Box<redb::DatabaseError>,
+    },
+    /// A transaction, table, read, write or commit failed (a failed commit leaves the
+    /// previous state).
+    #[error("mesh store: {0}")]
+    Db(Box<redb::Error>),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(redb::Error::from(e)))
+            }
+        }
+    )*};
+}
+from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// The on-disk store.
+pub struct MeshStore {
+    db: Database,
+}
+
+impl MeshStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<MeshStore, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open { path: path.display().to_string(), source: Box::new(e) })?;
+        Ok(MeshStore { db })
+    }
+
+    /// Replaces the stored state with `snap`, atomically.
+    pub fn save(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            paths.retain(|_, _| false)?;
+            for p in &snap.paths {
+                let mut v = Vec::with_capacity(52);
+                v.extend_from_slice(&p.next_hop.0);
+                v.push(p.hops);
+                v.extend_from_slice(&p.cost.to_be_bytes());
+                v.extend_from_slice(&p.timestamp_ms.to_be_bytes());
+                v.extend_from_slice(&p.expires_ms.to_be_bytes());
+                v.push(u8::from(p.verified));
+                paths.insert(&p.dest.0[..], &v[..])?;
+            }
+            let mut anns = tx.open_table(ANNOUNCES)?;
+            anns.retain(|_, _| false)?;
+            for a in &snap.announces {
+                let mut v = Vec::with_capacity(3 + a.compact.len() + a.full.as_ref().map_or(0, Vec::len));
+                v.push(u8::from(a.full.is_some()));
+                v.extend_from_slice(&(a.compact.len() as u16).to_be_bytes());
+                v.extend_from_slice(&a.compact);
+                if let Some(f) = &a.full {
+                    v.extend_from_slice(f);
+                }
+                anns.insert(&a.dest.0[..], &v[..])?;
+            }
+            let mut keys = tx.open_table(KEYS)?;
+            keys.retain(|_, _| false)?;
+            for k in &snap.keys {
+                keys.insert(&k.peer_id().0[..], &k.as_bytes()[..])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Loads the stored state, dropping what expired before `now_ms` and any record that
+    /// does not parse (a store from a newer version, or damage).
+    pub fn load(&self, now_ms: u64) -> Result<Snapshot, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut snap = Snapshot::default();
+        match tx.open_table(PATHS) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Some(p) = decode_path(k.value(), v.value()) {
+                        if p.expires_ms > now_ms {
+                            snap.paths.push(p);
+                        }
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match tx.open_table(ANNOUNCES) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Some(a) = decode_announce(k.value(), v.value()) {
+                        snap.announces.push(a);
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match tx.open_table(KEYS) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Ok(key) = PublicIdentity::from_bytes(v.value()) {
+                        if key.peer_id().0[..] == *k.value() {
+                            snap.keys.push(key);
+                        }
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(snap)
+    }
+}
+
+fn dest_of(k: &[u8]) -> Option<DestinationHash> {
+    Some(DestinationHash(k.try_into().ok()?))
+}
+
+fn decode_path(k: &[u8], v: &[u8]) -> Option<PathRecord> {
+    if v.len() != 52 {
+        return None;
+    }
+    Some(PathRecord {
+        dest: dest_of(k)?,
+        next_hop: PeerId(v[..32].try_into().ok()?),
+        hops: v[32],
+        cost: u16::from_be_bytes([v[33], v[34]]),
+        timestamp_ms: u64::from_be_bytes(v[35..43].try_into().ok()?),
+        expires_ms: u64::from_be_bytes(v[43..51].try_into().ok()?),
+        verified: v[51] != 0,
+    })
+}
+
+fn decode_announce(k: &[u8], v: &[u8]) -> Option<AnnounceRecord> {
+    let (&has_full, rest) = v.split_first()?;
+    let (len, rest) = rest.split_at_checked(2)?;
+    let n = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let (compact, full) = rest.split_at_checked(n)?;
+    Some(AnnounceRecord {
+        dest: dest_of(k)?,
+        compact: compact.to_vec(),
+        full: (has_full != 0).then(|| full.to_vec()),
+    })
+}
