@@ -39,9 +39,16 @@ pub struct NodeConfig {
     /// directory's `antmesh/identity.key`).
     #[serde(default)]
     pub identity: Option<PathBuf>,
+    /// Where the node keeps its state (mesh store, control socket): default
+    /// `$ANTMESH_HOME`, else `$XDG_DATA_HOME/antmesh`, else `~/.local/share/antmesh`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// tracing filter directive, e.g. `info` or `antmesh_host=debug`.
     #[serde(default = "default_log")]
     pub log: String,
+    /// Mesh settings.
+    #[serde(default)]
+    pub mesh: MeshSettings,
     /// Transport interfaces to open.
     #[serde(default)]
     pub interfaces: Vec<InterfaceConfig>,
@@ -61,10 +68,37 @@ pub struct InterfaceConfig {
     /// The plugin's instance configuration, RON text.
     #[serde(default = "empty_unit")]
     pub config: String,
+    /// Peers to dial and keep dialled on this interface (QUIC interfaces), as transport
+    /// addresses, e.g. `udp://192.0.2.7:4242`. Nothing else needs to be configured: beyond
+    /// its neighbours a node learns destinations from announces.
+    #[serde(default)]
+    pub connect: Vec<String>,
     /// Settings of the constrained link engine, for interfaces below the QUIC bar.
     /// Unset fields keep the defaults the engine derives from the transport's MTU and rate.
     #[serde(default)]
     pub link: LinkSettings,
+}
+
+/// Mesh settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    /// Re-announce the node's destination this often (seconds).
+    #[serde(default = "default_announce_interval")]
+    pub announce_interval_secs: u64,
+    /// Keep paths, announces and known identities in `<data_dir>/mesh.redb` across restarts.
+    #[serde(default = "default_true")]
+    pub persist: bool,
+}
+
+fn default_announce_interval() -> u64 {
+    1800
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings { announce_interval_secs: default_announce_interval(), persist: true }
+    }
 }
 
 /// Operator overrides of the constrained link engine (see docs/link.md for each default).
@@ -270,6 +304,14 @@ impl NodeConfig {
                 return Err(invalid(format!("interface `{}` names no plugin", i.name)));
             }
             i.link.validate().map_err(|m| invalid(format!("interface `{}`: {m}", i.name)))?;
+            for c in &i.connect {
+                if c.parse::<antmesh_plugin_api::TransportAddr>().is_err() {
+                    return Err(invalid(format!("interface `{}`: connect address `{c}` is not a transport address", i.name)));
+                }
+            }
+        }
+        if self.mesh.announce_interval_secs < 10 {
+            return Err(invalid("mesh.announce_interval_secs must be at least 10".into()));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             return Err(invalid(format!("log filter `{}`: {e}", self.log)));

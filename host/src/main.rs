@@ -52,6 +52,38 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// A running node's identity, node destination and neighbours.
+    Status {
+        #[command(flatten)]
+        node: cli::mesh::NodeArgs,
+    },
+    /// A running node's path table.
+    Paths {
+        #[command(flatten)]
+        node: cli::mesh::NodeArgs,
+    },
+    /// Find a path to a destination (asking the mesh if needed) and time a round trip.
+    Probe {
+        /// Destination (32 hex characters).
+        dest: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[command(flatten)]
+        node: cli::mesh::NodeArgs,
+    },
+    /// Send a text message to a node destination over an end-to-end link.
+    Send {
+        /// Destination (32 hex characters).
+        dest: String,
+        /// The message.
+        text: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        node: cli::mesh::NodeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +124,10 @@ fn main() -> ExitCode {
         Command::Id { command } => cli::id::run(command),
         Command::Plugins { plugin_dir, json } => plugins(plugin_dir, json),
         Command::Config { command: ConfigCommand::Check { file, json } } => config_check(file, json),
+        Command::Status { node } => cli::mesh::status(node),
+        Command::Paths { node } => cli::mesh::paths(node),
+        Command::Probe { dest, timeout, node } => cli::mesh::probe(node, dest, timeout),
+        Command::Send { dest, text, timeout, node } => cli::mesh::send(node, dest, text, timeout),
     }
 }
 

@@ -4,144 +4,16 @@
 //! PeerId.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use antmesh_host::identity::{Identity, PeerId};
+use antmesh_host::identity::Identity;
 use antmesh_host::quic::endpoint::{P2pConfig, P2pEndpoint};
 use zeroize::Zeroizing;
 
-const ANTMESH: &str = env!("CARGO_BIN_EXE_antmesh");
+mod common;
 
-struct Node {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    id: PeerId,
-}
-
-impl Node {
-    fn start(dir: &Path, name: &str, interfaces: &str) -> Node {
-        let key = dir.join(format!("{name}.key"));
-        let out = Command::new(ANTMESH).args(["id", "new", "--identity"]).arg(&key).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let id = Identity::load(&key).unwrap().peer_id();
-        let cfg = dir.join(format!("{name}.ron"));
-        std::fs::write(&cfg, format!("(log: \"info,antmesh_host=debug\", interfaces: [{interfaces}])")).unwrap();
-        let mut child = Command::new(ANTMESH)
-            .arg("up")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--identity")
-            .arg(&key)
-            .env_remove("RUST_LOG")
-            .env("ANTMESH_HOME", dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Node { child, lines, seen: Vec::new(), id }
-    }
-
-    /// Waits for a line containing every needle.
-    fn wait(&mut self, needles: &[&str]) -> String {
-        // Generous: CI runs this beside CPU-heavy tests on two cores.
-        let deadline = Instant::now() + Duration::from_secs(90);
-        if let Some(l) = self.seen.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
-            return l.clone();
-        }
-        loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if needles.iter().all(|n| line.contains(n)) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no log line with {needles:?}; saw:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// SIGINT, then the exit status and the "node stopped" line.
-    fn stop(mut self) -> String {
-        // SAFETY: signalling our own child by its pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) }, 0);
-        let line = self.wait(&["node stopped"]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                assert_eq!(s.code(), Some(0), "{s:?}");
-                return line;
-            }
-            assert!(Instant::now() < deadline, "antmesh did not exit after SIGINT");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A socat pty pair, killed on drop.
-struct PtyPair {
-    child: Child,
-    a: PathBuf,
-    b: PathBuf,
-}
-
-impl PtyPair {
-    fn new(dir: &Path) -> PtyPair {
-        let (a, b) = (dir.join("tty-a"), dir.join("tty-b"));
-        let child = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is required (scripts/test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(a.exists() && b.exists()) {
-            assert!(Instant::now() < deadline, "socat made no ptys");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PtyPair { child, a, b }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn serial(path: &Path) -> String {
-    format!(r#"(name: "ser", plugin: "serial", config: "(path: \"{}\", baud: 115200)")"#, path.display())
-}
+use common::{free_udp_port, Node, PtyPair};
 
 /// Both nodes: an authenticated session (each names the other's PeerId, from its key file)
 /// and the other's node info, carried by the session.
@@ -161,8 +33,8 @@ fn two_nodes_over_a_pty_pair_and_one_peer_id_over_serial_and_quic() {
     let pty = PtyPair::new(dir.path());
     let port = free_udp_port();
     let udp = format!(r#"(name: "udp0", plugin: "udp", config: "(bind: \"127.0.0.1:{port}\")")"#);
-    let mut a = Node::start(dir.path(), "a", &format!("{udp}, {}", serial(&pty.a)));
-    let mut b = Node::start(dir.path(), "b", &serial(&pty.b));
+    let mut a = Node::start(dir.path(), "a", &format!("{udp}, {}", common::serial("ser", &pty.a)));
+    let mut b = Node::start(dir.path(), "b", &common::serial("ser", &pty.b));
     a.wait(&["interface up", "engine=\"constrained\""]);
     assert_exchange(&mut a, &mut b);
 

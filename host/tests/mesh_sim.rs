@@ -31,8 +31,10 @@ fn an_announce_crosses_a_chain_and_data_follows_the_path() {
 
 #[test]
 fn a_path_request_is_answered_from_a_cache() {
-    // 0 - 1 - 2 - 3; 3 announces before 0 is attached; 0 then asks.
-    let mut sim = MeshSim::new(4, &line(4, false)[1..], RouterConfig::default(), Instant::now()).unwrap();
+    // 0 - 1 - 2 - 3; 3 announces before 0 is attached; 0 then asks. (Without the replay
+    // of known paths to a new neighbour, which would answer before the request.)
+    let cfg = RouterConfig { replay_on_connect: false, ..Default::default() };
+    let mut sim = MeshSim::new(4, &line(4, false)[1..], cfg, Instant::now()).unwrap();
     let now = sim.now;
     let d3 = sim.dests[3];
     sim.nodes[3].announce(now, &d3).unwrap();
@@ -138,6 +140,19 @@ fn announce_packet(sim: &mut MeshSim, from: usize, to: usize, at: Instant) -> Ve
         }
     }
     pkt.unwrap()
+}
+
+#[test]
+fn a_new_neighbour_is_told_the_known_paths() {
+    let mut sim = MeshSim::new(4, &line(4, false)[1..], RouterConfig::default(), Instant::now()).unwrap();
+    sim.announce_all();
+    assert!(sim.run(Duration::from_secs(10)));
+    sim.connect(Edge { a: 0, b: 1, constrained: false });
+    assert!(sim.run(Duration::from_secs(10)));
+    for k in 1..4 {
+        assert_eq!(sim.nodes[0].resolve(&sim.dests[k]).map(|p| p.hops), Some(k as u8));
+        assert!(sim.nodes[k].resolve(&sim.dests[0]).is_some(), "node {k} has no path to the newcomer");
+    }
 }
 
 #[test]

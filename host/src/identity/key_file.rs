@@ -59,11 +59,16 @@ pub enum IdentityError {
 /// `$ANTMESH_HOME/identity.key`, else `$XDG_DATA_HOME/antmesh/identity.key`, else
 /// `~/.local/share/antmesh/identity.key`.
 pub fn default_identity_path() -> Option<PathBuf> {
+    Some(default_data_dir()?.join("identity.key"))
+}
+
+/// The node's data directory: `$ANTMESH_HOME`, else `$XDG_DATA_HOME/antmesh`, else
+/// `~/.local/share/antmesh`.
+pub fn default_data_dir() -> Option<PathBuf> {
     let env_dir = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let dir = env_dir("ANTMESH_HOME")
+    env_dir("ANTMESH_HOME")
         .or_else(|| env_dir("XDG_DATA_HOME").map(|d| d.join("antmesh")))
-        .or_else(|| env_dir("HOME").map(|h| h.join(".local/share/antmesh")))?;
-    Some(dir.join("identity.key"))
+        .or_else(|| env_dir("HOME").map(|h| h.join(".local/share/antmesh")))
 }
 
 impl Identity {

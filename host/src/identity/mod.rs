@@ -21,7 +21,7 @@ use fips204::traits::{KeyGen, SerDes, Signer, Verifier};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-pub use key_file::{default_identity_path, IdentityError};
+pub use key_file::{default_data_dir, default_identity_path, IdentityError};
 
 /// Bytes in an ML-DSA-65 public key.
 pub const PUBLIC_KEY_LEN: usize = ml_dsa_65::PK_LEN;

@@ -416,13 +416,24 @@ enum Completed {
     Resume { request: Vec<u8>, answer: Vec<u8> },
 }
 
+/// A Hello coming in, before any handshake state exists for it.
+struct HelloRx {
+    tag: u16,
+    rx: Reassembly,
+    nack_at: Option<Instant>,
+    nacks: u32,
+}
+
+/// Reports of missing Hello fragments per attempt.
+const MAX_HELLO_NACKS: u32 = 3;
+
 struct Peer {
     addr: LinkAddr,
     hs: Option<Hs>,
     session: Option<Session>,
     /// This node keeps a session to this address up, expecting this id (if known).
     want: Option<Option<PeerId>>,
-    hello_rx: Option<(u16, Reassembly, Option<Instant>)>,
+    hello_rx: Option<HelloRx>,
     control: VecDeque<Vec<u8>>,
     completed: Option<Completed>,
     last_peer: Option<PeerId>,
@@ -734,10 +745,10 @@ impl LinkEngine {
         if matches!(&p.completed, Some(Completed::Full { tag: t, .. }) if *t == tag) {
             return Err(FrameError::Ignored(Kind::Hello));
         }
-        if p.hello_rx.as_ref().is_none_or(|(t, _, _)| *t != tag) {
-            p.hello_rx = Some((tag, Reassembly::new(handshake::MAX_HELLO), None));
+        if p.hello_rx.as_ref().is_none_or(|h| h.tag != tag) {
+            p.hello_rx = Some(HelloRx { tag, rx: Reassembly::new(handshake::MAX_HELLO), nack_at: None, nacks: 0 });
         }
-        let Some((_, rx, _)) = p.hello_rx.as_mut() else { return Ok(()) };
+        let Some(HelloRx { rx, .. }) = p.hello_rx.as_mut() else { return Ok(()) };
         rx.insert(now, index, last, bytes)?;
         let Some(hello) = rx.assemble() else {
             if index == last {
@@ -1260,19 +1271,31 @@ impl LinkEngine {
         }
         let cfg = self.cfg.clone();
         let delay = self.retry_delay(self.peers[i].failures.max(1));
-        let nack_hello = self.peers[i].hello_rx.as_ref().is_some_and(|(_, rx, at)| self.nack_due(rx, *at, now));
+        let nack_hello = self.peers[i].hello_rx.as_ref().is_some_and(|h| h.nacks < MAX_HELLO_NACKS && self.nack_due(&h.rx, h.nack_at, now));
         let nack_hs = match &self.peers[i].hs {
             Some(Hs::Init(h)) => self.nack_due(&h.rx, h.nack_at, now),
             Some(Hs::Resp(h)) => self.nack_due(&h.rx, h.nack_at, now),
             _ => false,
         };
         let p = &mut self.peers[i];
+        // A partial Hello nobody completes (the peer gave the attempt up, or lost a
+        // simultaneous open) is forgotten after the handshake timeout, and once a session
+        // is up.
+        let stale = p.hello_rx.as_ref().is_some_and(|h| h.rx.last_progress.is_some_and(|t| t + cfg.handshake_timeout <= now));
+        if stale {
+            p.hello_rx = None;
+        }
         if nack_hello {
-            if let Some((tag, rx, at)) = p.hello_rx.as_mut() {
-                if let Some((l, have)) = rx.have() {
-                    p.control.push_back(Self::hs_ack_frame(*tag, 1, l, &have));
+            if let Some(h) = p.hello_rx.as_mut() {
+                // A few reports of what is missing; an initiator that is still there probes
+                // on its own, one that gave up needs no more.
+                if h.nacks < MAX_HELLO_NACKS {
+                    if let Some((l, have)) = h.rx.have() {
+                        p.control.push_back(Self::hs_ack_frame(h.tag, 1, l, &have));
+                    }
+                    h.nacks += 1;
                 }
-                *at = Some(now);
+                h.nack_at = Some(now);
             }
         }
         match p.hs.as_mut() {
@@ -1450,8 +1473,11 @@ impl LinkEngine {
                     }
                 }
             };
-            if let Some((_, rx, n)) = &p.hello_rx {
-                nack(rx, *n, &mut at);
+            if let Some(h) = p.hello_rx.as_ref().filter(|h| h.nacks < MAX_HELLO_NACKS) {
+                nack(&h.rx, h.nack_at, &mut at);
+            }
+            if let Some(t) = p.hello_rx.as_ref().and_then(|h| h.rx.last_progress) {
+                at(t + cfg.handshake_timeout);
             }
             match &p.hs {
                 Some(Hs::Init(h)) => {

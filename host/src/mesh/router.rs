@@ -63,6 +63,11 @@ pub struct RouterConfig {
     pub max_queue: usize,
     /// How long a path request is remembered (to route its answer back).
     pub request_lifetime: Duration,
+    /// Send a new neighbour every announce this node holds a path for. Off, a neighbour
+    /// learns only from new announces and path requests.
+    pub replay_on_connect: bool,
+    /// Emit [`MeshEvent::Forwarded`] for every relayed data packet (diagnostics).
+    pub report_forwarded: bool,
 }
 
 impl Default for RouterConfig {
@@ -78,6 +83,8 @@ impl Default for RouterConfig {
             max_keys: 4096,
             max_queue: 256,
             request_lifetime: Duration::from_secs(60),
+            replay_on_connect: true,
+            report_forwarded: false,
         }
     }
 }
@@ -122,6 +129,13 @@ pub enum MeshEvent {
     PathLost {
         /// Destination.
         dest: DestinationHash,
+    },
+    /// A data packet was forwarded (only with `report_forwarded`, for diagnostics).
+    Forwarded {
+        /// Destination.
+        dest: DestinationHash,
+        /// The payload as relayed.
+        payload: Vec<u8>,
     },
     /// Data for one of this node's destinations.
     Delivered {
@@ -288,6 +302,8 @@ pub struct Router {
     stats: RouterStats,
     /// Paths loaded from the store, by next-hop identity, waiting for that neighbour.
     restored: HashMap<PeerId, Vec<PathRecord>>,
+    /// This node's latest announce per local destination, replayed to new neighbours.
+    own: HashMap<DestinationHash, Announce>,
 }
 
 impl Router {
@@ -313,6 +329,7 @@ impl Router {
             events: VecDeque::new(),
             stats: RouterStats::default(),
             restored: HashMap::new(),
+            own: HashMap::new(),
             cfg,
         }
     }
@@ -335,10 +352,30 @@ impl Router {
         self.stats.clone()
     }
 
-    /// A neighbour came up (an authenticated session). Stored paths through it come back.
+    /// A neighbour came up (an authenticated session). It is sent this node's announces
+    /// and every announce this node holds a path for (so it can route at once), and stored
+    /// paths through it come back.
     pub fn add_neighbour(&mut self, now: Instant, id: NeighbourId, info: NeighbourInfo) {
         let peer = info.peer;
-        self.neighbours.insert(id, Neighbour { info, tokens: 0.0, refilled: now, queue: VecDeque::new() });
+        // Starts with one second's allowance, so the first announces go at once.
+        let tokens = info.announce_rate as f64;
+        self.neighbours.insert(id, Neighbour { info, tokens, refilled: now, queue: VecDeque::new() });
+        let own: Vec<Announce> = self.own.values().cloned().collect();
+        for a in &own {
+            self.queue_announce(id, a, None, 0, 0);
+        }
+        if self.cfg.replay_on_connect {
+            // Not the neighbour's own destinations, nor paths that lead through it.
+            let known: Vec<(DestinationHash, u8, u16)> = self
+                .paths
+                .iter()
+                .filter(|(d, p)| p.next_hop != id && self.cache.get(*d).is_none_or(|c| c.body.peer != peer))
+                .map(|(d, p)| (*d, p.hops, p.cost))
+                .collect();
+            for (d, hops, cost) in known {
+                self.forward_cached(id, &d, hops, cost, None);
+            }
+        }
         if let Some(records) = self.restored.remove(&peer) {
             let now_ms = self.unix_ms(now);
             for r in records {
@@ -359,6 +396,11 @@ impl Router {
                 self.paths.insert(r.dest, entry);
                 let dest_peer = self.cache.get(&r.dest).map_or(peer, |c| c.body.peer);
                 self.events.push_back(MeshEvent::PathLearned { dest: r.dest, peer: dest_peer, next_hop: id, hops: r.hops });
+                // Back in the table: tell the other neighbours, as for a fresh announce.
+                let others: Vec<NeighbourId> = self.neighbours.keys().copied().filter(|n| *n != id).collect();
+                for n in others {
+                    self.forward_cached(n, &r.dest, r.hops, r.cost, None);
+                }
             }
         }
     }
@@ -495,6 +537,7 @@ impl Router {
         for n in ids {
             self.queue_announce(n, &a, None, 0, 0);
         }
+        self.own.insert(*dest, a);
         Ok(())
     }
 
@@ -787,6 +830,9 @@ impl Router {
         }
         self.stats.forwarded += 1;
         self.out.push_back((p.next_hop, Packet::Data { dest, hops: hops + 1, payload }.encode()));
+        if self.cfg.report_forwarded {
+            self.events.push_back(MeshEvent::Forwarded { dest, payload: payload.to_vec() });
+        }
         Ok(())
     }
 

@@ -185,6 +185,28 @@ pub fn reset_key() -> Result<Arc<dyn qc::HmacKey>, QuicCryptoError> {
     Ok(Arc::new(ResetKey(random_master_key()?)))
 }
 
+/// A stateless-reset key derived from the node's identity (HKDF-SHA256 over its secret
+/// seed), so that it survives restarts: a node that restarted answers packets of the
+/// connections it forgot with stateless resets its peers accept, and they redial at once
+/// instead of waiting for the idle timeout. The seed stays secret, so the key does too.
+pub fn reset_key_for(identity: &Identity) -> Arc<dyn qc::HmacKey> {
+    let hk = Hkdf::<Sha256>::new(Some(&b"antmesh quic stateless reset v1"[..]), &identity.seed()[..]);
+    let mut key = Zeroizing::new([0u8; MASTER_KEY_LEN]);
+    // 64 bytes is far below HKDF-SHA256's 8,160-byte limit: expand cannot fail.
+    let _ = hk.expand(b"reset key", key.as_mut());
+    Arc::new(ResetKey(key))
+}
+
+/// The key of the endpoint's connection-ID generator, derived from the identity like the
+/// reset key: after a restart the endpoint still recognises its old connection IDs as its
+/// own, which is what lets it answer them with a stateless reset.
+pub fn cid_key_for(identity: &Identity) -> u64 {
+    let hk = Hkdf::<Sha256>::new(Some(&b"antmesh quic cid key v1"[..]), &identity.seed()[..]);
+    let mut key = [0u8; 8];
+    let _ = hk.expand(b"cid key", &mut key);
+    u64::from_be_bytes(key)
+}
+
 /// The server's key for Retry and NEW_TOKEN tokens: HKDF-SHA256 (empty salt) over 64 fresh
 /// random bytes; each token is sealed with AES-256-GCM under a key expanded from the
 /// token's random nonce (the construction of quinn's *ring* key). Tokens are opaque to

@@ -341,8 +341,13 @@ impl P2pEndpoint {
         let transport_cfg = Arc::new(transport_config(&config));
         let mut server = quinn::ServerConfig::new(crypto::server_crypto(&config.identity)?, crypto::token_key()?);
         server.transport_config(Arc::clone(&transport_cfg));
+        // Reset key and connection-ID key both come from the identity, so that after a
+        // restart the node resets its peers' stale connections at once (they redial).
+        let mut endpoint_cfg = quinn::EndpointConfig::new(crypto::reset_key_for(&config.identity));
+        let cid_key = crypto::cid_key_for(&config.identity);
+        endpoint_cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::new(crypto::reset_key()?),
+            endpoint_cfg,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -527,6 +532,11 @@ impl P2pEndpoint {
         self.inner.endpoint.wait_idle().await;
         let t = Arc::clone(&self.inner.transport);
         let _ = tokio::task::spawn_blocking(move || t.close()).await;
+    }
+
+    /// Whether a connection to `peer` is open.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connection(peer).is_some_and(|c| c.close_reason().is_none())
     }
 
     fn connection(&self, peer: &PeerId) -> Option<quinn::Connection> {

@@ -10,17 +10,27 @@
 //! *node info* (type byte [`MSG_NODE_INFO`], then the sender's agent string) as the first
 //! message of every link session, so operators see who and what is on each link.
 
+pub mod control;
+pub mod hub;
+pub mod link;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::{LinkSettings, NodeConfig};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::NodeConfig;
 use crate::identity::Identity;
-use crate::link::{LinkConfig, LinkEngine, LinkEvent};
-use crate::quic::endpoint::{P2pConfig, P2pEndpoint, P2pEvent};
+use crate::link::{LinkConfig, LinkEngine};
 use crate::plugin::loader::{self, PluginDirError};
 use crate::plugin::NativeTransport;
-use crate::transport::{EventReceiver, SharedTransport, Transport, TransportEvent};
+use crate::quic::endpoint::{P2pConfig, P2pEndpoint, P2pEvent};
+use crate::transport::{SharedTransport, Transport};
+
+use self::hub::{HubConfig, HubEvent, NeighbourKey, NeighbourTx, MSG_MESH};
+use self::link::{run_link, HubLink};
 
 /// Why the node could not run.
 #[derive(thiserror::Error, Debug)]
@@ -39,6 +49,17 @@ pub enum UpError {
         interface: String,
         /// Why.
         source: crate::quic::endpoint::EndpointError,
+    },
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
     },
     /// Interfaces were configured but none could be opened.
     #[error("none of the {configured} configured interfaces could be opened (see the errors above)")]
@@ -61,6 +82,10 @@ pub struct RunSummary {
     pub quic_peers: u64,
     /// Link sessions established over the whole run on constrained interfaces.
     pub link_sessions: u64,
+    /// Destinations with a path at exit.
+    pub paths: usize,
+    /// End-to-end links established over the mesh.
+    pub e2e_sessions: u64,
 }
 
 /// Message type byte of *node info*, the first message the daemon sends on a link session.
@@ -86,6 +111,29 @@ pub async fn run(
     for e in &set.errors {
         tracing::error!("plugin refused: {e}");
     }
+
+    // The data directory holds the mesh store and the control socket.
+    let data_dir = cfg.data_dir.clone().or_else(crate::identity::default_data_dir);
+    if let Some(d) = &data_dir {
+        std::fs::create_dir_all(d).map_err(|source| UpError::DataDir { path: d.clone(), source })?;
+    }
+    let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+    let hub_stop = Arc::new(Notify::new());
+    let hub_cfg = HubConfig {
+        store: data_dir.as_ref().filter(|_| cfg.mesh.persist).map(|d| d.join("mesh.redb")),
+        announce_interval: Duration::from_secs(cfg.mesh.announce_interval_secs),
+        save_interval: Duration::from_secs(60),
+    };
+    let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, hub_rx, Arc::clone(&hub_stop)));
+    let control_task = match &data_dir {
+        Some(d) => {
+            let path = d.join(control::SOCKET_NAME);
+            let listener = control::bind(&path).await?;
+            tracing::info!(socket = %path.display(), "control socket");
+            Some((path, tokio::spawn(control::serve(listener, hub_tx.clone()))))
+        }
+        None => None,
+    };
 
     let mut summary = RunSummary::default();
     let mut open: Vec<SharedTransport> = Vec::new();
@@ -120,7 +168,10 @@ pub async fn run(
                         .map_err(|source| UpError::Quic { interface: iface.name.clone(), source })?;
                     let ep = Arc::new(ep);
                     tracing::info!(interface = %iface.name, peer_id = %ep.peer_id(), "QUIC endpoint up");
-                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep))));
+                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep), hub_tx.clone())));
+                    for addr in &iface.connect {
+                        watchers.push(tokio::spawn(keep_dialled(iface.name.clone(), Arc::clone(&ep), addr.clone())));
+                    }
                     endpoints.push((iface.name.clone(), ep));
                 } else {
                     let mut lc = LinkConfig::from_capabilities(&caps);
@@ -134,8 +185,13 @@ pub async fn run(
                             continue;
                         }
                     };
-                    let stop = Arc::new(tokio::sync::Notify::new());
-                    pumps.push((Arc::clone(&stop), tokio::spawn(run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop))));
+                    let stop = Arc::new(Notify::new());
+                    let (command_tx, commands) = mpsc::unbounded_channel();
+                    let hub_link = HubLink { hub: hub_tx.clone(), commands, command_tx };
+                    pumps.push((
+                        Arc::clone(&stop),
+                        tokio::spawn(run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop, hub_link)),
+                    ));
                     open.push(t);
                 }
                 summary.opened.push(iface.name.clone());
@@ -153,6 +209,10 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
+    if let Some((path, task)) = control_task {
+        task.abort();
+        let _ = std::fs::remove_file(path);
+    }
     for (name, ep) in &endpoints {
         // Tells connected peers, drains, and closes the interface underneath.
         ep.shutdown().await;
@@ -177,6 +237,12 @@ pub async fn run(
             summary.link_sessions += st.cold + st.warm + st.resumed;
         }
     }
+    hub_stop.notify_one();
+    drop(hub_tx);
+    if let Ok(h) = hub_task.await {
+        summary.paths = h.paths;
+        summary.e2e_sessions = h.e2e_sessions;
+    }
     for t in open {
         // close joins plugin threads; keep it off the async workers.
         let name = t.interface().to_owned();
@@ -190,148 +256,69 @@ pub async fn run(
         frames = summary.frames_received,
         quic_peers = summary.quic_peers,
         link_sessions = summary.link_sessions,
+        paths = summary.paths,
+        e2e_sessions = summary.e2e_sessions,
         "node stopped"
     );
     Ok(summary)
 }
 
-/// Logs what happens on a QUIC interface and drains its messages (no application is
-/// attached to the daemon yet; the mesh router will be).
-async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>) {
+/// Connects a QUIC interface to the mesh hub: authenticated peers become neighbours, mesh
+/// messages go to the hub, and what happens is logged.
+async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::UnboundedSender<HubEvent>) {
     let mut events = ep.subscribe();
+    let key = |peer| NeighbourKey { iface: iface.clone(), peer };
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(P2pEvent::PeerConnected { peer, addr, side }) => {
                     tracing::info!(interface = %iface, %peer, %addr, ?side, "peer connected");
+                    let _ = hub.send(HubEvent::Up { key: key(peer), compact: false, cost: 1, announce_rate: 0, tx: NeighbourTx::Quic(Arc::clone(&ep)) });
                 }
                 Ok(P2pEvent::PeerAuthenticated { peer }) => tracing::debug!(interface = %iface, %peer, "peer authenticated (ML-DSA-65)"),
-                Ok(P2pEvent::PeerDisconnected { peer, reason }) => tracing::info!(interface = %iface, %peer, ?reason, "peer disconnected"),
+                Ok(P2pEvent::PeerDisconnected { peer, reason }) => {
+                    tracing::info!(interface = %iface, %peer, ?reason, "peer disconnected");
+                    let _ = hub.send(HubEvent::Down { key: key(peer) });
+                }
                 Ok(P2pEvent::DataReceived { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::debug!(interface = %iface, "{n} events skipped"),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
             msg = ep.recv() => match msg {
-                Ok((peer, data)) => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
+                Ok((peer, data)) => match data.split_first() {
+                    Some((&MSG_MESH, packet)) => {
+                        let _ = hub.send(HubEvent::Packet { key: key(peer), bytes: packet.to_vec() });
+                    }
+                    _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
+                },
                 Err(_) => return,
             },
         }
     }
 }
 
-/// Drives one constrained interface: frames and link events in, the engine's frames out,
-/// timers in between. Returns the engine's counters when `stop` fires or the transport
-/// closes.
-pub async fn run_link(
-    t: SharedTransport,
-    rx: EventReceiver,
-    mut engine: LinkEngine,
-    settings: LinkSettings,
-    stop: Arc<tokio::sync::Notify>,
-) -> crate::link::LinkStats {
-    let iface = t.interface().to_owned();
-    let scheme = t.scheme().to_owned();
-    let show = |peer: &antmesh_plugin_api::LinkAddr| match antmesh_plugin_api::TransportAddr::from_link(&scheme, peer) {
-        Some(a) => a.to_string(),
-        None => peer.to_string(),
-    };
-    let dial = settings.dial.unwrap_or(true);
-    let expect = settings.peer_id();
-    // A frame the transport refused with WouldBlock; sent first once it reports Writable.
-    let mut held: Option<crate::link::Transmit> = None;
+/// Dials `addr` and dials again whenever the connection is gone (backing off to a minute).
+async fn keep_dialled(iface: String, ep: Arc<P2pEndpoint>, addr: String) {
+    let Ok(target) = addr.parse::<antmesh_plugin_api::TransportAddr>() else { return };
+    let mut backoff = Duration::from_millis(250);
+    let mut peer = None;
     loop {
-        let now = std::time::Instant::now();
-        while let Some(tx) = held.take().or_else(|| engine.poll_transmit(now)) {
-            match t.send(&tx.to, &tx.frame) {
-                Ok(()) => {}
-                Err(antmesh_plugin_api::SendError::WouldBlock) => {
-                    held = Some(tx);
-                    break;
+        let connected = peer.is_some_and(|p| ep.is_connected(&p));
+        if !connected {
+            match ep.connect_transport(&target, None).await {
+                Ok(p) => {
+                    tracing::info!(interface = %iface, %addr, peer = %p, "dialled");
+                    peer = Some(p);
+                    backoff = Duration::from_millis(250);
                 }
-                // Lost like a frame on the air: the engine retransmits what matters.
-                Err(e) => tracing::debug!(interface = %iface, to = %show(&tx.to), "send failed: {e}"),
-            }
-        }
-        let mut more = false;
-        while let Some(ev) = engine.poll_event() {
-            more = true;
-            match ev {
-                LinkEvent::Connected { addr, peer, mode, initiator } => {
-                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?mode, initiator, "link session up");
-                    let mut info = vec![MSG_NODE_INFO];
-                    info.extend_from_slice(agent().as_bytes());
-                    if let Err(e) = engine.send(&peer, info) {
-                        tracing::warn!(interface = %iface, %peer, "node info not sent: {e}");
-                    }
-                }
-                LinkEvent::Rekeyed { peer, .. } => tracing::debug!(interface = %iface, %peer, "link rekeyed (fresh ML-KEM-768)"),
-                LinkEvent::Message { peer, data, .. } => match data.split_first() {
-                    Some((&MSG_NODE_INFO, agent)) => {
-                        let agent: String = String::from_utf8_lossy(agent).chars().take(128).collect();
-                        tracing::info!(interface = %iface, %peer, agent = %agent, "node info received");
-                    }
-                    _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
-                },
-                LinkEvent::Disconnected { addr, peer, reason } => {
-                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?reason, "link session down")
-                }
-                LinkEvent::HandshakeFailed { addr, error } => {
-                    tracing::warn!(interface = %iface, addr = %show(&addr), "link handshake failed: {error}")
+                Err(e) => {
+                    tracing::debug!(interface = %iface, %addr, "dial failed: {e}");
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }
         }
-        if more {
-            // Handling events may have queued frames (node info).
-            continue;
-        }
-        let wake = engine.poll_timeout(now).map(tokio::time::Instant::from_std);
-        let sleep = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            ev = rx.recv() => match ev {
-                Ok(TransportEvent::Frames(batch)) => {
-                    let now = std::time::Instant::now();
-                    for (from, data) in &batch {
-                        if let Err(e) = engine.handle_frame(now, from, data) {
-                            tracing::debug!(interface = %iface, from = %show(from), bytes = data.len(), "frame dropped: {e}");
-                        }
-                    }
-                }
-                Ok(TransportEvent::LinkUp(peer)) => {
-                    tracing::info!(interface = %iface, peer = %show(&peer), "link up");
-                    let now = std::time::Instant::now();
-                    if dial {
-                        if let Err(e) = engine.connect(now, peer.clone(), expect) {
-                            tracing::warn!(interface = %iface, peer = %show(&peer), "cannot start a session: {e}");
-                        }
-                    }
-                    engine.link_up(now, &peer);
-                }
-                Ok(TransportEvent::LinkDown { peer, reason }) => {
-                    tracing::info!(interface = %iface, peer = %show(&peer), %reason, "link down");
-                    engine.link_down(&peer);
-                }
-                Ok(TransportEvent::Writable) => {}
-                Err(_) => break,
-            },
-            () = sleep => engine.handle_timeout(std::time::Instant::now()),
-            () = stop.notified() => {
-                let now = std::time::Instant::now();
-                for (addr, _, _) in engine.sessions() {
-                    engine.close(now, &addr);
-                }
-                while let Some(tx) = engine.poll_transmit(now) {
-                    let _ = t.send(&tx.to, &tx.frame);
-                }
-                break;
-            }
-        }
+        tokio::time::sleep(if connected || peer.is_some() { Duration::from_secs(2) } else { backoff }).await;
     }
-    engine.stats()
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.

@@ -1,0 +1,626 @@
+//! The node's mesh task: the router over every authenticated neighbour (QUIC peers and
+//! link sessions), the node's own destination, end-to-end links to destinations, the
+//! store, and the operator's control requests. One task owns all of it, so none of the
+//! sans-IO state needs a lock; interfaces talk to it over channels.
+//!
+//! Mesh packets travel between neighbours as messages whose first byte is [`MSG_MESH`].
+//! Inside mesh DATA packets the first byte says what the payload is:
+//!
+//! ```text
+//! 0x01 probe        id [8] | reply-to destination [16]
+//! 0x02 probe reply  id [8]
+//! 0x03 link frame   reply-to destination [16] | link engine frame (docs/link.md)
+//! ```
+//!
+//! End-to-end links are the constrained link engine run over the mesh: its link address
+//! is the remote node's destination, its frames ride DATA packets, and its handshake
+//! proves the PeerId the destination's announce names. Relays see only sealed frames.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use antmesh_plugin_api::LinkAddr;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::identity::{Identity, PeerId};
+use crate::link::{LinkConfig, LinkEngine, LinkEvent};
+use crate::mesh::dest::{DestinationHash, ServiceName};
+use crate::mesh::router::{MeshEvent, NeighbourId, NeighbourInfo, Router, RouterConfig};
+use crate::mesh::store::MeshStore;
+use crate::quic::endpoint::P2pEndpoint;
+
+/// Message type byte of a mesh packet between neighbours.
+pub const MSG_MESH: u8 = 0x02;
+/// The service name of every node's own destination.
+pub const NODE_SERVICE: &str = "antmesh.node";
+
+const PROBE: u8 = 0x01;
+const PROBE_REPLY: u8 = 0x02;
+const LINK_FRAME: u8 = 0x03;
+
+/// How the hub sends to a neighbour.
+#[derive(Clone)]
+pub enum NeighbourTx {
+    /// A QUIC peer on this endpoint.
+    Quic(Arc<P2pEndpoint>),
+    /// A link session; the driver of its interface sends.
+    Link(mpsc::UnboundedSender<LinkCommand>),
+}
+
+/// A request to a link driver.
+#[derive(Debug)]
+pub enum LinkCommand {
+    /// Send `data` to `peer` on its session.
+    Send {
+        /// The peer.
+        peer: PeerId,
+        /// The message.
+        data: Vec<u8>,
+    },
+}
+
+/// A neighbour session: the interface it is on and the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NeighbourKey {
+    /// Interface name.
+    pub iface: String,
+    /// The peer.
+    pub peer: PeerId,
+}
+
+/// What interfaces and the control socket tell the hub.
+pub enum HubEvent {
+    /// A session is up and authenticated.
+    Up {
+        /// Which.
+        key: NeighbourKey,
+        /// Constrained hop (compact announces).
+        compact: bool,
+        /// Hop cost.
+        cost: u16,
+        /// Announce bytes per second this hop may carry (0: no cap).
+        announce_rate: u64,
+        /// How to reach it.
+        tx: NeighbourTx,
+    },
+    /// A session ended.
+    Down {
+        /// Which.
+        key: NeighbourKey,
+    },
+    /// A mesh packet from a neighbour (without the MSG_MESH byte).
+    Packet {
+        /// From.
+        key: NeighbourKey,
+        /// The packet.
+        bytes: Vec<u8>,
+    },
+    /// An operator request; the reply is JSON.
+    Control {
+        /// The request.
+        request: Value,
+        /// Where the reply goes.
+        reply: oneshot::Sender<Value>,
+    },
+}
+
+/// Settings of the hub.
+pub struct HubConfig {
+    /// Where the store lives (None: no persistence).
+    pub store: Option<PathBuf>,
+    /// Re-announce the node's destination this often.
+    pub announce_interval: Duration,
+    /// Save the store this often (and at shutdown).
+    pub save_interval: Duration,
+}
+
+enum Waiter {
+    Probe { dest: DestinationHash, id: [u8; 8], sent: Option<Instant>, deadline: Instant, reply: oneshot::Sender<Value> },
+    Send { dest: DestinationHash, data: Vec<u8>, deadline: Instant, reply: oneshot::Sender<Value> },
+}
+
+/// The hub's counters, for the exit log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HubSummary {
+    /// Destinations with a path at exit.
+    pub paths: usize,
+    /// End-to-end link sessions established.
+    pub e2e_sessions: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Hub {
+    me: Arc<Identity>,
+    router: Router,
+    e2e: LinkEngine,
+    node_dest: DestinationHash,
+    neighbours: HashMap<NeighbourId, (NeighbourKey, NeighbourTx)>,
+    ids: HashMap<NeighbourKey, NeighbourId>,
+    next_id: u32,
+    store: Option<MeshStore>,
+    waiters: Vec<Waiter>,
+    e2e_sessions: u64,
+    /// Paths changed since the last save.
+    dirty: bool,
+    /// Payloads for destinations without a path yet (a path request is out), with the
+    /// instant they are dropped.
+    held: Vec<(DestinationHash, Vec<u8>, Instant)>,
+    /// When path requests for held payloads last went out.
+    last_request: Option<Instant>,
+}
+
+/// How long a payload waits for a path.
+const HOLD: Duration = Duration::from_secs(30);
+/// Most payloads held.
+const MAX_HELD: usize = 256;
+/// How long a probe waits for its reply before it is sent again.
+const PROBE_AGAIN: Duration = Duration::from_secs(2);
+/// How often path requests for held payloads are repeated.
+const REQUEST_AGAIN: Duration = Duration::from_secs(3);
+
+/// Runs the hub until `events` closes or `stop` fires.
+pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedReceiver<HubEvent>, stop: Arc<tokio::sync::Notify>) -> HubSummary {
+    let now = Instant::now();
+    let mut seed = [0u8; 32];
+    if getrandom::getrandom(&mut seed).is_err() {
+        tracing::error!("no randomness for the mesh router; mesh disabled");
+        return HubSummary::default();
+    }
+    let rcfg = RouterConfig { report_forwarded: tracing::enabled!(tracing::Level::TRACE), ..RouterConfig::default() };
+    let mut router = Router::new(Arc::clone(&me), rcfg, (now, unix_ms()), seed);
+    let node_dest = match ServiceName::new(NODE_SERVICE) {
+        Ok(s) => router.register_destination(s, crate::daemon::agent().into_bytes()),
+        Err(e) => {
+            tracing::error!("{e}");
+            return HubSummary::default();
+        }
+    };
+    let mut lc = LinkConfig::for_link(1200, 0);
+    // Several hops, some of them slow: no fast retransmissions of handshake fragments.
+    lc.latency = Duration::from_millis(500);
+    let e2e = match LinkEngine::new(Arc::clone(&me), lc) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("no randomness for end-to-end links: {e}");
+            return HubSummary::default();
+        }
+    };
+    let store = cfg.store.as_ref().and_then(|p| match MeshStore::open(p) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("{e}; paths will not persist");
+            None
+        }
+    });
+    if let Some(s) = &store {
+        match s.load(unix_ms()) {
+            Ok(snap) => {
+                tracing::info!(paths = snap.paths.len(), announces = snap.announces.len(), keys = snap.keys.len(), "mesh state loaded");
+                router.restore(now, snap);
+            }
+            Err(e) => tracing::warn!("mesh store unreadable, starting empty: {e}"),
+        }
+    }
+    tracing::info!(dest = %node_dest, service = NODE_SERVICE, "node destination");
+    // Announced now (to nobody yet) so that each neighbour gets it as it comes up.
+    if let Err(e) = router.announce(now, &node_dest) {
+        tracing::warn!("announce failed: {e}");
+    }
+    let mut hub = Hub {
+        me,
+        router,
+        e2e,
+        node_dest,
+        neighbours: HashMap::new(),
+        ids: HashMap::new(),
+        next_id: 0,
+        store,
+        waiters: Vec::new(),
+        e2e_sessions: 0,
+        dirty: false,
+        held: Vec::new(),
+        last_request: None,
+    };
+    let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
+    let mut next_save = tokio::time::Instant::now() + cfg.save_interval;
+    loop {
+        hub.flush();
+        if hub.dirty {
+            // Paths changed: save soon, so that a crash loses at most a couple of seconds.
+            next_save = next_save.min(tokio::time::Instant::now() + Duration::from_secs(2));
+        }
+        let now = Instant::now();
+        let held = hub.held.iter().map(|(_, _, t)| *t).min().map(|t| match hub.last_request {
+            Some(r) => t.min(r + REQUEST_AGAIN),
+            None => t,
+        });
+        let wake = [hub.router.poll_timeout(now), hub.e2e.poll_timeout(now), hub.next_waiter_deadline(), held]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or(next_announce)
+            .min(next_announce)
+            .min(next_save);
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => hub.on_event(ev),
+                None => break,
+            },
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                hub.router.handle_timeout(now);
+                hub.e2e.handle_timeout(now);
+                hub.check_waiters(now);
+                hub.release_held(now);
+                if tokio::time::Instant::now() >= next_announce {
+                    hub.announce(now);
+                    next_announce = tokio::time::Instant::now() + cfg.announce_interval;
+                }
+                if tokio::time::Instant::now() >= next_save {
+                    hub.save();
+                    hub.dirty = false;
+                    next_save = tokio::time::Instant::now() + cfg.save_interval;
+                }
+            }
+            () = stop.notified() => break,
+        }
+    }
+    hub.save();
+    HubSummary { paths: hub.router.paths().count(), e2e_sessions: hub.e2e_sessions }
+}
+
+impl Hub {
+    /// Sends `payload` to `dest`, or holds it (and asks for a path) until one is known.
+    fn send_or_hold(&mut self, now: Instant, dest: DestinationHash, payload: Vec<u8>) {
+        if self.router.send_to(dest, &payload).is_ok() {
+            return;
+        }
+        if !self.held.iter().any(|(d, _, _)| *d == dest) {
+            self.router.request_path(now, dest);
+        }
+        if self.held.len() >= MAX_HELD {
+            self.held.remove(0);
+        }
+        self.held.push((dest, payload, now + HOLD));
+    }
+
+    /// Sends what waited for a path that is now known; drops what waited too long; asks
+    /// again for the paths still missing every few seconds (a neighbour that could answer
+    /// may have come up since).
+    fn release_held(&mut self, now: Instant) {
+        let held = std::mem::take(&mut self.held);
+        let ask_again = self.last_request.is_none_or(|t| t + REQUEST_AGAIN <= now);
+        let mut asked = Vec::new();
+        for (dest, payload, until) in held {
+            if self.router.resolve(&dest).is_some() {
+                let _ = self.router.send_to(dest, &payload);
+            } else if until > now {
+                if ask_again && !asked.contains(&dest) {
+                    self.router.request_path(now, dest);
+                    asked.push(dest);
+                }
+                self.held.push((dest, payload, until));
+            } else {
+                tracing::debug!(%dest, "no path appeared; payload dropped");
+            }
+        }
+        if !asked.is_empty() {
+            self.last_request = Some(now);
+        }
+    }
+
+    fn announce(&mut self, now: Instant) {
+        let d = self.node_dest;
+        if let Err(e) = self.router.announce(now, &d) {
+            tracing::warn!("announce failed: {e}");
+        }
+    }
+
+    fn save(&self) {
+        if let Some(s) = &self.store {
+            if let Err(e) = s.save(&self.router.snapshot(Instant::now())) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: HubEvent) {
+        let now = Instant::now();
+        match ev {
+            HubEvent::Up { key, compact, cost, announce_rate, tx } => {
+                if let Some(old) = self.ids.remove(&key) {
+                    self.router.remove_neighbour(old);
+                    self.neighbours.remove(&old);
+                }
+                self.next_id += 1;
+                let id = NeighbourId(self.next_id);
+                tracing::info!(interface = %key.iface, peer = %key.peer, ?id, compact, cost, "mesh neighbour up");
+                self.router.add_neighbour(now, id, NeighbourInfo { peer: key.peer, compact, cost, announce_rate });
+                self.ids.insert(key.clone(), id);
+                self.neighbours.insert(id, (key, tx));
+                // The router replays this node's announce and the ones it holds to the new
+                // neighbour, so it can route at once.
+            }
+            HubEvent::Down { key } => {
+                if let Some(id) = self.ids.remove(&key) {
+                    tracing::info!(interface = %key.iface, peer = %key.peer, "mesh neighbour down");
+                    self.router.remove_neighbour(id);
+                    self.neighbours.remove(&id);
+                }
+            }
+            HubEvent::Packet { key, bytes } => {
+                let Some(&id) = self.ids.get(&key) else { return };
+                if let Err(e) = self.router.handle_packet(now, id, &bytes) {
+                    tracing::debug!(interface = %key.iface, from = %key.peer, "mesh packet dropped: {e}");
+                }
+            }
+            HubEvent::Control { request, reply } => self.on_control(now, request, reply),
+        }
+    }
+
+    fn on_control(&mut self, now: Instant, req: Value, reply: oneshot::Sender<Value>) {
+        let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or_default();
+        let dest = || {
+            req.get("dest")
+                .and_then(Value::as_str)
+                .ok_or("missing dest")
+                .and_then(|d| d.parse::<DestinationHash>().map_err(|_| "dest is 32 hex characters"))
+        };
+        let timeout = Duration::from_secs(req.get("timeout_s").and_then(Value::as_u64).unwrap_or(30).clamp(1, 3600));
+        match cmd {
+            "status" => {
+                let _ = reply.send(json!({
+                    "ok": true,
+                    "peer_id": self.me.peer_id().to_hex(),
+                    "node_dest": self.node_dest.to_hex(),
+                    "neighbours": self.neighbours.values().map(|(k, _)| json!({"interface": k.iface, "peer": k.peer.to_hex()})).collect::<Vec<_>>(),
+                }));
+            }
+            "paths" => {
+                let mut paths: Vec<Value> = self
+                    .router
+                    .paths()
+                    .map(|(d, p)| {
+                        let via = self.neighbours.get(&p.next_hop).map(|(k, _)| k.clone());
+                        json!({
+                            "dest": d.to_hex(),
+                            "peer": self.router.destination_peer(d).map(|x| x.to_hex()),
+                            "next_hop": via.as_ref().map(|k| k.peer.to_hex()),
+                            "interface": via.as_ref().map(|k| k.iface.clone()),
+                            "hops": p.hops,
+                            "cost": p.cost,
+                            "verified": p.verified,
+                            "expires_in_s": p.expires.saturating_duration_since(now).as_secs(),
+                        })
+                    })
+                    .collect();
+                paths.sort_by(|a, b| a["dest"].as_str().cmp(&b["dest"].as_str()));
+                let _ = reply.send(json!({"ok": true, "node_dest": self.node_dest.to_hex(), "paths": paths}));
+            }
+            "probe" => match dest() {
+                Ok(d) => {
+                    let id = rand8();
+                    if self.router.resolve(&d).is_none() {
+                        self.router.request_path(now, d);
+                    }
+                    self.waiters.push(Waiter::Probe { dest: d, id, sent: None, deadline: now + timeout, reply });
+                    self.check_waiters(now);
+                }
+                Err(e) => {
+                    let _ = reply.send(json!({"ok": false, "error": e}));
+                }
+            },
+            "send" => match dest() {
+                Ok(d) => {
+                    let data = req.get("data").and_then(Value::as_str).unwrap_or_default().as_bytes().to_vec();
+                    if self.router.resolve(&d).is_none() {
+                        self.router.request_path(now, d);
+                    }
+                    self.waiters.push(Waiter::Send { dest: d, data, deadline: now + timeout, reply });
+                    self.check_waiters(now);
+                }
+                Err(e) => {
+                    let _ = reply.send(json!({"ok": false, "error": e}));
+                }
+            },
+            other => {
+                let _ = reply.send(json!({"ok": false, "error": format!("unknown command `{other}`")}));
+            }
+        }
+    }
+
+    fn next_waiter_deadline(&self) -> Option<Instant> {
+        self.waiters
+            .iter()
+            .map(|w| match w {
+                Waiter::Probe { deadline, sent: Some(t), .. } => (*deadline).min(*t + PROBE_AGAIN),
+                Waiter::Probe { deadline, .. } | Waiter::Send { deadline, .. } => *deadline,
+            })
+            .min()
+    }
+
+    /// Moves control requests on: paths found, links up, deadlines.
+    fn check_waiters(&mut self, now: Instant) {
+        let waiters = std::mem::take(&mut self.waiters);
+        for w in waiters {
+            match w {
+                Waiter::Probe { dest, id, sent, deadline, reply } => {
+                    if deadline <= now {
+                        let _ = reply.send(json!({"ok": false, "error": if sent.is_some() { "no reply" } else { "no path" }, "dest": dest.to_hex()}));
+                        continue;
+                    }
+                    // Not sent yet, or unanswered for a while (lost, or sent into a
+                    // connection that had just died): send (again).
+                    let due = sent.is_none_or(|t| t + PROBE_AGAIN <= now);
+                    if due && self.router.resolve(&dest).is_some() {
+                        let mut payload = vec![PROBE];
+                        payload.extend_from_slice(&id);
+                        payload.extend_from_slice(&self.node_dest.0);
+                        if self.router.send_to(dest, &payload).is_ok() {
+                            self.waiters.push(Waiter::Probe { dest, id, sent: Some(now), deadline, reply });
+                            continue;
+                        }
+                    }
+                    self.waiters.push(Waiter::Probe { dest, id, sent, deadline, reply });
+                }
+                Waiter::Send { dest, data, deadline, reply } => {
+                    if deadline <= now {
+                        let _ = reply.send(json!({"ok": false, "error": "no session with the destination", "dest": dest.to_hex()}));
+                        continue;
+                    }
+                    let addr = LinkAddr::Named(dest.to_hex().into());
+                    match (self.e2e.session_peer(&addr), self.router.destination_peer(&dest)) {
+                        (Some(peer), _) => {
+                            let r = match self.e2e.send(&peer, data) {
+                                Ok(()) => json!({"ok": true, "dest": dest.to_hex(), "peer": peer.to_hex()}),
+                                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                            };
+                            let _ = reply.send(r);
+                        }
+                        (None, Some(peer)) if self.router.resolve(&dest).is_some() => {
+                            // Dial (idempotent while a handshake runs), expecting the identity
+                            // the destination's announce names.
+                            if let Err(e) = self.e2e.connect(now, addr, Some(peer)) {
+                                let _ = reply.send(json!({"ok": false, "error": e.to_string()}));
+                                continue;
+                            }
+                            self.waiters.push(Waiter::Send { dest, data, deadline, reply });
+                        }
+                        _ => self.waiters.push(Waiter::Send { dest, data, deadline, reply }),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what the router and the end-to-end engine produced, handles their events.
+    fn flush(&mut self) {
+        loop {
+            let now = Instant::now();
+            let mut progress = false;
+            while let Some(t) = self.e2e.poll_transmit(now) {
+                progress = true;
+                let LinkAddr::Named(name) = &t.to else { continue };
+                let Ok(dest) = name.as_str().parse::<DestinationHash>() else { continue };
+                let mut payload = Vec::with_capacity(17 + t.frame.len());
+                payload.push(LINK_FRAME);
+                payload.extend_from_slice(&self.node_dest.0);
+                payload.extend_from_slice(&t.frame);
+                self.send_or_hold(now, dest, payload);
+            }
+            while let Some((to, bytes)) = self.router.poll_transmit(now) {
+                progress = true;
+                let Some((key, tx)) = self.neighbours.get(&to) else { continue };
+                let mut msg = Vec::with_capacity(1 + bytes.len());
+                msg.push(MSG_MESH);
+                msg.extend_from_slice(&bytes);
+                match tx {
+                    NeighbourTx::Quic(ep) => {
+                        let (ep, peer) = (Arc::clone(ep), key.peer);
+                        tokio::spawn(async move {
+                            if let Err(e) = ep.send(&peer, &msg).await {
+                                tracing::debug!(%peer, "mesh packet not sent: {e}");
+                            }
+                        });
+                    }
+                    NeighbourTx::Link(cmds) => {
+                        let _ = cmds.send(LinkCommand::Send { peer: key.peer, data: msg });
+                    }
+                }
+            }
+            while let Some(ev) = self.router.poll_event() {
+                progress = true;
+                self.on_mesh_event(now, ev);
+            }
+            while let Some(ev) = self.e2e.poll_event() {
+                progress = true;
+                self.on_e2e_event(ev);
+            }
+            if progress {
+                self.check_waiters(now);
+                self.release_held(now);
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn on_mesh_event(&mut self, now: Instant, ev: MeshEvent) {
+        match ev {
+            MeshEvent::PathLearned { dest, peer, next_hop, hops } => {
+                self.dirty = true;
+                let via = self.neighbours.get(&next_hop).map(|(k, _)| k.iface.clone()).unwrap_or_default();
+                tracing::info!(%dest, %peer, hops, interface = %via, "path learned");
+            }
+            MeshEvent::PathLost { dest } => tracing::info!(%dest, "path lost"),
+            MeshEvent::Delivered { dest, payload } if dest == self.node_dest => self.on_delivered(now, &payload),
+            MeshEvent::Delivered { dest, .. } => tracing::debug!(%dest, "data for an unused local destination"),
+            MeshEvent::Forwarded { dest, payload } => {
+                tracing::trace!(%dest, bytes = payload.len(), payload = %hex::encode(&payload), "forwarded");
+            }
+        }
+    }
+
+    fn on_delivered(&mut self, now: Instant, payload: &[u8]) {
+        match payload.split_first() {
+            Some((&PROBE, rest)) if rest.len() == 24 => {
+                let mut back = [0u8; 16];
+                back.copy_from_slice(&rest[8..24]);
+                let mut answer = vec![PROBE_REPLY];
+                answer.extend_from_slice(&rest[..8]);
+                self.send_or_hold(now, DestinationHash(back), answer);
+            }
+            Some((&PROBE_REPLY, rest)) if rest.len() == 8 => {
+                let waiters = std::mem::take(&mut self.waiters);
+                for w in waiters {
+                    match w {
+                        Waiter::Probe { dest, id, sent: Some(sent), reply, .. } if id[..] == rest[..] => {
+                            let hops = self.router.resolve(&dest).map(|p| p.hops);
+                            let rtt = now.saturating_duration_since(sent);
+                            let _ = reply.send(json!({"ok": true, "dest": dest.to_hex(), "hops": hops, "rtt_ms": rtt.as_secs_f64() * 1e3}));
+                        }
+                        other => self.waiters.push(other),
+                    }
+                }
+            }
+            Some((&LINK_FRAME, rest)) if rest.len() > 16 => {
+                let (from, frame) = rest.split_at(16);
+                let addr = LinkAddr::Named(hex::encode(from).into());
+                if let Err(e) = self.e2e.handle_frame(now, &addr, frame) {
+                    tracing::debug!("end-to-end frame dropped: {e}");
+                }
+            }
+            _ => tracing::debug!(bytes = payload.len(), "unknown node payload"),
+        }
+    }
+
+    fn on_e2e_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected { addr, peer, mode, initiator } => {
+                self.e2e_sessions += 1;
+                tracing::info!(dest = %addr, %peer, ?mode, initiator, "end-to-end link up");
+            }
+            LinkEvent::Message { addr, peer, data } => {
+                let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
+                tracing::info!(dest = %addr, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
+            }
+            LinkEvent::Disconnected { addr, peer, reason } => tracing::info!(dest = %addr, %peer, ?reason, "end-to-end link down"),
+            LinkEvent::HandshakeFailed { addr, error } => tracing::warn!(dest = %addr, "end-to-end handshake failed: {error}"),
+            LinkEvent::Rekeyed { .. } => {}
+        }
+    }
+}
+
+fn rand8() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    // A probe id only has to be unlikely to repeat; on failure the zero id still works.
+    let _ = getrandom::getrandom(&mut b);
+    b
+}
