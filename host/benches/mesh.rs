@@ -119,6 +119,7 @@ fn main() {
                 learned: t,
                 expires: t,
                 rtt: None,
+                loss_permille: 0,
                 verified: true,
             },
         );

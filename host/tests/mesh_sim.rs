@@ -143,6 +143,22 @@ fn announce_packet(sim: &mut MeshSim, from: usize, to: usize, at: Instant) -> Ve
 }
 
 #[test]
+fn probes_keep_smoothed_rtt_and_loss_on_the_path() {
+    let mut sim = MeshSim::new(2, &line(2, false), RouterConfig::default(), Instant::now()).unwrap();
+    sim.announce_all();
+    assert!(sim.run(Duration::from_secs(10)));
+    let d = sim.dests[1];
+    let r = &mut sim.nodes[0];
+    r.record_probe(&d, Some(Duration::from_millis(80)));
+    assert_eq!(r.resolve(&d).map(|p| (p.rtt, p.loss_permille)), Some((Some(Duration::from_millis(80)), 0)));
+    r.record_probe(&d, Some(Duration::from_millis(160)));
+    r.record_probe(&d, None);
+    let p = r.resolve(&d).unwrap();
+    assert_eq!(p.rtt, Some(Duration::from_millis(90)));
+    assert_eq!(p.loss_permille, 125);
+}
+
+#[test]
 fn a_new_neighbour_is_told_the_known_paths() {
     let mut sim = MeshSim::new(4, &line(4, false)[1..], RouterConfig::default(), Instant::now()).unwrap();
     sim.announce_all();

@@ -397,6 +397,8 @@ impl Hub {
                             "hops": p.hops,
                             "cost": p.cost,
                             "verified": p.verified,
+                            "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1e3),
+                            "loss_permille": p.loss_permille,
                             "expires_in_s": p.expires.saturating_duration_since(now).as_secs(),
                         })
                     })
@@ -459,6 +461,9 @@ impl Hub {
                     // Not sent yet, or unanswered for a while (lost, or sent into a
                     // connection that had just died): send (again).
                     let due = sent.is_none_or(|t| t + PROBE_AGAIN <= now);
+                    if sent.is_some() && due {
+                        self.router.record_probe(&dest, None);
+                    }
                     if due && self.router.resolve(&dest).is_some() {
                         let mut payload = vec![PROBE];
                         payload.extend_from_slice(&id);
@@ -582,8 +587,9 @@ impl Hub {
                 for w in waiters {
                     match w {
                         Waiter::Probe { dest, id, sent: Some(sent), reply, .. } if id[..] == rest[..] => {
-                            let hops = self.router.resolve(&dest).map(|p| p.hops);
                             let rtt = now.saturating_duration_since(sent);
+                            self.router.record_probe(&dest, Some(rtt));
+                            let hops = self.router.resolve(&dest).map(|p| p.hops);
                             let _ = reply.send(json!({"ok": true, "dest": dest.to_hex(), "hops": hops, "rtt_ms": rtt.as_secs_f64() * 1e3}));
                         }
                         other => self.waiters.push(other),

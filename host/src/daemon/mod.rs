@@ -264,8 +264,8 @@ pub async fn run(
 }
 
 /// Connects a QUIC interface to the mesh hub: authenticated peers become neighbours, mesh
-/// messages go to the hub, and what happens is logged.
-async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::UnboundedSender<HubEvent>) {
+/// messages go to the hub, and what happens is logged. Runs until the endpoint closes.
+pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::UnboundedSender<HubEvent>) {
     let mut events = ep.subscribe();
     let key = |peer| NeighbourKey { iface: iface.clone(), peer };
     loop {

@@ -104,8 +104,10 @@ pub struct PathEntry {
     pub learned: Instant,
     /// When it expires.
     pub expires: Instant,
-    /// Measured round trip, once probed.
+    /// Smoothed round trip (7/8 old + 1/8 new), once probed.
     pub rtt: Option<Duration>,
+    /// Smoothed probe loss in per mille (7/8 old + 1/8 new); 0 until probed.
+    pub loss_permille: u16,
     /// The announce came in full and its signature was checked here.
     pub verified: bool,
 }
@@ -391,6 +393,7 @@ impl Router {
                     learned: now,
                     expires: self.instant_of(r.expires_ms),
                     rtt: None,
+                    loss_permille: 0,
                     verified: r.verified,
                 };
                 self.paths.insert(r.dest, entry);
@@ -490,6 +493,21 @@ impl Router {
         let d = DestinationHash::new(&self.me.peer_id(), &service);
         self.local.insert(d, Local { service, app_data });
         d
+    }
+
+    /// Records a probe of `dest`'s path: its round trip, or `None` when it went unanswered.
+    /// Kept as smoothed figures on the path entry, for operators (`antmesh paths`); the best
+    /// path is still chosen by announce age, cost and hops.
+    pub fn record_probe(&mut self, dest: &DestinationHash, rtt: Option<Duration>) {
+        let Some(p) = self.paths.get_mut(dest) else { return };
+        let lost = if rtt.is_some() { 0u32 } else { 1000 };
+        p.loss_permille = ((u32::from(p.loss_permille) * 7 + lost) / 8) as u16;
+        if let Some(r) = rtt {
+            p.rtt = Some(match p.rtt {
+                Some(old) => (old * 7 + r) / 8,
+                None => r,
+            });
+        }
     }
 
     /// The path to `dest`, if known.
@@ -673,6 +691,7 @@ impl Router {
             learned: now,
             expires,
             rtt: None,
+            loss_permille: 0,
             verified,
         };
         let dest = body.dest;
