@@ -147,7 +147,8 @@ fn up(config: Option<PathBuf>, identity: Option<PathBuf>, plugin_dir: Option<Pat
             return ExitCode::FAILURE;
         }
     };
-    let Some(id_path) = identity.or(cfg.identity.clone()).or_else(antmesh_host::identity::default_identity_path) else {
+    let from_data_dir = cfg.data_dir.as_ref().map(|d| d.join("identity.key"));
+    let Some(id_path) = identity.or(cfg.identity.clone()).or(from_data_dir).or_else(antmesh_host::identity::default_identity_path) else {
         tracing::error!("no identity path: pass --identity, set identity in the config, or set ANTMESH_HOME");
         return ExitCode::from(2);
     };

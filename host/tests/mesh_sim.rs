@@ -228,3 +228,30 @@ fn an_announce_flood_from_one_identity_is_rate_limited_while_others_converge() {
     }
     check_converged(&sim);
 }
+
+/// After its path is lost, a node refuses the same announce back from a neighbour unless it
+/// is cheaper than the lost path (that copy may run through the node itself).
+#[test]
+fn a_lost_path_does_not_come_back_through_a_loop() {
+    let mut sim = MeshSim::new(3, &line(3, false), RouterConfig::default(), Instant::now()).unwrap();
+    let now = sim.now;
+    let pkt = announce_packet(&mut sim, 2, 1, now);
+    let from2 = sim.neighbour_id(1, 2).unwrap();
+    assert_eq!(sim.nodes[1].handle_packet(now, from2, &pkt), Ok(()));
+    assert_eq!(sim.nodes[1].resolve(&sim.dests[2]).map(|p| p.cost), Some(1));
+    sim.disconnect(1, 2);
+    assert!(sim.nodes[1].resolve(&sim.dests[2]).is_none());
+    // The same announce, as node 0 would relay it from its (now stale) path via node 1.
+    let mut relayed = pkt.clone();
+    relayed[1] = 2; // hops
+    relayed[2..4].copy_from_slice(&2u16.to_be_bytes()); // cost
+    let from0 = sim.neighbour_id(1, 0).unwrap();
+    assert_eq!(sim.nodes[1].handle_packet(now, from0, &relayed), Err(DropReason::Infeasible(sim.dests[2])));
+    assert!(sim.nodes[1].resolve(&sim.dests[2]).is_none());
+    // A newer announce from the destination is taken whatever its cost.
+    sim.connect(Edge { a: 1, b: 2, constrained: false });
+    let later = now + Duration::from_secs(1);
+    let fresh = announce_packet(&mut sim, 2, 1, later);
+    let from2 = sim.neighbour_id(1, 2).unwrap();
+    assert_eq!(sim.nodes[1].handle_packet(later, from2, &fresh), Ok(()));
+}

@@ -74,16 +74,20 @@ pub fn status(node: NodeArgs) -> ExitCode {
 pub fn paths(node: NodeArgs) -> ExitCode {
     let r = ask(&node, json!({"cmd": "paths"}), Duration::from_secs(10));
     finish(&node, r, |v| {
-        let mut out = format!("{:<32}  {:>4}  {:>5}  {:<10}  {:<16}  {:>8}", "destination", "hops", "cost", "interface", "next hop", "expires");
+        let mut out = format!("{:<32}  {:>4}  {:>5}  {:<10}  {:<16}  {:>8}  {:>8}  {:>5}", "destination", "hops", "cost", "interface", "next hop", "expires", "rtt", "loss");
         for p in v["paths"].as_array().into_iter().flatten() {
+            let rtt = p["rtt_ms"].as_f64().map_or("-".to_owned(), |r| format!("{r:.1}ms"));
+            let loss = p["loss_permille"].as_u64().map_or("-".to_owned(), |l| format!("{:.0}%", l as f64 / 10.0));
             out.push_str(&format!(
-                "\n{:<32}  {:>4}  {:>5}  {:<10}  {:<16}  {:>7}s{}",
+                "\n{:<32}  {:>4}  {:>5}  {:<10}  {:<16}  {:>7}s  {:>8}  {:>5}{}",
                 p["dest"].as_str().unwrap_or(""),
                 p["hops"],
                 p["cost"],
                 p["interface"].as_str().unwrap_or("-"),
                 p["next_hop"].as_str().map(|s| &s[..16.min(s.len())]).unwrap_or("-"),
                 p["expires_in_s"],
+                rtt,
+                loss,
                 if p["verified"].as_bool() == Some(true) { "" } else { "  (compact, unverified)" }
             ));
         }

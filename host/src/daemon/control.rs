@@ -21,7 +21,7 @@ use super::hub::HubEvent;
 
 /// The socket's file name in the data directory.
 pub const SOCKET_NAME: &str = "control.sock";
-/// Longest request line accepted.
+/// Most bytes one client connection may send (its requests together).
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// Why the control socket could not be served or reached.
@@ -70,7 +70,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// Accepts clients and forwards their requests to the hub.
 pub async fn serve(listener: UnixListener, hub: mpsc::UnboundedSender<HubEvent>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, typically: back off rather than spin.
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();

@@ -143,7 +143,7 @@ struct Hub {
     neighbours: HashMap<NeighbourId, (NeighbourKey, NeighbourTx)>,
     ids: HashMap<NeighbourKey, NeighbourId>,
     next_id: u32,
-    store: Option<MeshStore>,
+    store: Option<Arc<MeshStore>>,
     waiters: Vec<Waiter>,
     e2e_sessions: u64,
     /// Paths changed since the last save.
@@ -151,9 +151,19 @@ struct Hub {
     /// Payloads for destinations without a path yet (a path request is out), with the
     /// instant they are dropped.
     held: Vec<(DestinationHash, Vec<u8>, Instant)>,
-    /// When path requests for held payloads last went out.
-    last_request: Option<Instant>,
+    /// When a path request last went out, per destination (`ask_path`).
+    asked: HashMap<DestinationHash, Instant>,
+    /// When each end-to-end link last carried a message (idle ones are closed).
+    e2e_used: HashMap<DestinationHash, Instant>,
 }
+
+/// Whether `dest` is the node destination of `peer`.
+fn owns_node_destination(peer: &PeerId, dest: &DestinationHash) -> bool {
+    ServiceName::new(NODE_SERVICE).is_ok_and(|s| DestinationHash::new(peer, &s) == *dest)
+}
+
+/// End-to-end links idle this long are closed (a send opens one again).
+const E2E_IDLE: Duration = Duration::from_secs(300);
 
 /// How long a payload waits for a path.
 const HOLD: Duration = Duration::from_secs(30);
@@ -172,7 +182,12 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         tracing::error!("no randomness for the mesh router; mesh disabled");
         return HubSummary::default();
     }
-    let rcfg = RouterConfig { report_forwarded: tracing::enabled!(tracing::Level::TRACE), ..RouterConfig::default() };
+    let rcfg = RouterConfig {
+        report_forwarded: tracing::enabled!(tracing::Level::TRACE),
+        // An announce outlives two announce intervals, so one lost re-announce leaves no gap.
+        announce_lifetime: (cfg.announce_interval * 2).max(RouterConfig::default().announce_lifetime),
+        ..RouterConfig::default()
+    };
     let mut router = Router::new(Arc::clone(&me), rcfg, (now, unix_ms()), seed);
     let node_dest = match ServiceName::new(NODE_SERVICE) {
         Ok(s) => router.register_destination(s, crate::daemon::agent().into_bytes()),
@@ -192,7 +207,7 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         }
     };
     let store = cfg.store.as_ref().and_then(|p| match MeshStore::open(p) {
-        Ok(s) => Some(s),
+        Ok(s) => Some(Arc::new(s)),
         Err(e) => {
             tracing::error!("{e}; paths will not persist");
             None
@@ -225,7 +240,8 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         e2e_sessions: 0,
         dirty: false,
         held: Vec::new(),
-        last_request: None,
+        asked: HashMap::new(),
+        e2e_used: HashMap::new(),
     };
     let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
     let mut next_save = tokio::time::Instant::now() + cfg.save_interval;
@@ -236,11 +252,9 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
             next_save = next_save.min(tokio::time::Instant::now() + Duration::from_secs(2));
         }
         let now = Instant::now();
-        let held = hub.held.iter().map(|(_, _, t)| *t).min().map(|t| match hub.last_request {
-            Some(r) => t.min(r + REQUEST_AGAIN),
-            None => t,
-        });
-        let wake = [hub.router.poll_timeout(now), hub.e2e.poll_timeout(now), hub.next_waiter_deadline(), held]
+        let held = hub.held.iter().map(|(_, _, t)| *t).min().map(|t| t.min(now + REQUEST_AGAIN));
+        let idle = hub.e2e_used.values().min().map(|t| *t + E2E_IDLE);
+        let wake = [hub.router.poll_timeout(now), hub.e2e.poll_timeout(now), hub.next_waiter_deadline(), held, idle]
             .into_iter()
             .flatten()
             .min()
@@ -259,12 +273,13 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
                 hub.e2e.handle_timeout(now);
                 hub.check_waiters(now);
                 hub.release_held(now);
+                hub.close_idle(now);
                 if tokio::time::Instant::now() >= next_announce {
                     hub.announce(now);
                     next_announce = tokio::time::Instant::now() + cfg.announce_interval;
                 }
                 if tokio::time::Instant::now() >= next_save {
-                    hub.save();
+                    hub.save().await;
                     hub.dirty = false;
                     next_save = tokio::time::Instant::now() + cfg.save_interval;
                 }
@@ -272,19 +287,27 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
             () = stop.notified() => break,
         }
     }
-    hub.save();
+    hub.save().await;
     HubSummary { paths: hub.router.paths().count(), e2e_sessions: hub.e2e_sessions }
 }
 
 impl Hub {
+    /// Asks the mesh for a path to `dest`, at most once per `REQUEST_AGAIN` per destination.
+    fn ask_path(&mut self, now: Instant, dest: DestinationHash) {
+        if self.asked.get(&dest).is_some_and(|t| *t + REQUEST_AGAIN > now) {
+            return;
+        }
+        self.asked.retain(|_, t| *t + REQUEST_AGAIN > now);
+        self.asked.insert(dest, now);
+        self.router.request_path(now, dest);
+    }
+
     /// Sends `payload` to `dest`, or holds it (and asks for a path) until one is known.
     fn send_or_hold(&mut self, now: Instant, dest: DestinationHash, payload: Vec<u8>) {
         if self.router.send_to(dest, &payload).is_ok() {
             return;
         }
-        if !self.held.iter().any(|(d, _, _)| *d == dest) {
-            self.router.request_path(now, dest);
-        }
+        self.ask_path(now, dest);
         if self.held.len() >= MAX_HELD {
             self.held.remove(0);
         }
@@ -296,23 +319,26 @@ impl Hub {
     /// may have come up since).
     fn release_held(&mut self, now: Instant) {
         let held = std::mem::take(&mut self.held);
-        let ask_again = self.last_request.is_none_or(|t| t + REQUEST_AGAIN <= now);
-        let mut asked = Vec::new();
         for (dest, payload, until) in held {
             if self.router.resolve(&dest).is_some() {
                 let _ = self.router.send_to(dest, &payload);
             } else if until > now {
-                if ask_again && !asked.contains(&dest) {
-                    self.router.request_path(now, dest);
-                    asked.push(dest);
-                }
+                self.ask_path(now, dest);
                 self.held.push((dest, payload, until));
             } else {
                 tracing::debug!(%dest, "no path appeared; payload dropped");
             }
         }
-        if !asked.is_empty() {
-            self.last_request = Some(now);
+    }
+
+    /// Closes end-to-end links unused for `E2E_IDLE`: they cost keepalives and rekeys on
+    /// every hop, slow ones included.
+    fn close_idle(&mut self, now: Instant) {
+        let idle: Vec<DestinationHash> = self.e2e_used.iter().filter(|(_, t)| **t + E2E_IDLE <= now).map(|(d, _)| *d).collect();
+        for d in idle {
+            self.e2e_used.remove(&d);
+            tracing::info!(dest = %d, "closing idle end-to-end link");
+            self.e2e.close(now, &LinkAddr::Named(d.to_hex().into()));
         }
     }
 
@@ -323,10 +349,16 @@ impl Hub {
         }
     }
 
-    fn save(&self) {
+    /// Saves the router's state. The write (a full rewrite with fsync) runs on a blocking
+    /// thread; the hub waits for it, so saves never overlap and shutdown saves everything.
+    async fn save(&self) {
         if let Some(s) = &self.store {
-            if let Err(e) = s.save(&self.router.snapshot(Instant::now())) {
-                tracing::warn!("{e}");
+            let snap = self.router.snapshot(Instant::now());
+            let store = Arc::clone(s);
+            match tokio::task::spawn_blocking(move || store.save(&snap)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(e) => tracing::warn!("mesh store save task failed: {e}"),
             }
         }
     }
@@ -406,11 +438,14 @@ impl Hub {
                 paths.sort_by(|a, b| a["dest"].as_str().cmp(&b["dest"].as_str()));
                 let _ = reply.send(json!({"ok": true, "node_dest": self.node_dest.to_hex(), "paths": paths}));
             }
+            "probe" | "send" if dest().is_ok_and(|d| d == self.node_dest) => {
+                let _ = reply.send(json!({"ok": false, "error": "that is this node's own destination"}));
+            }
             "probe" => match dest() {
                 Ok(d) => {
                     let id = rand8();
                     if self.router.resolve(&d).is_none() {
-                        self.router.request_path(now, d);
+                        self.ask_path(now, d);
                     }
                     self.waiters.push(Waiter::Probe { dest: d, id, sent: None, deadline: now + timeout, reply });
                     self.check_waiters(now);
@@ -423,7 +458,7 @@ impl Hub {
                 Ok(d) => {
                     let data = req.get("data").and_then(Value::as_str).unwrap_or_default().as_bytes().to_vec();
                     if self.router.resolve(&d).is_none() {
-                        self.router.request_path(now, d);
+                        self.ask_path(now, d);
                     }
                     self.waiters.push(Waiter::Send { dest: d, data, deadline: now + timeout, reply });
                     self.check_waiters(now);
@@ -465,6 +500,9 @@ impl Hub {
                         self.router.record_probe(&dest, None);
                     }
                     if due && self.router.resolve(&dest).is_some() {
+                        // A fresh id per send: a late answer to an earlier one must not be
+                        // timed against this one.
+                        let id = rand8();
                         let mut payload = vec![PROBE];
                         payload.extend_from_slice(&id);
                         payload.extend_from_slice(&self.node_dest.0);
@@ -472,6 +510,9 @@ impl Hub {
                             self.waiters.push(Waiter::Probe { dest, id, sent: Some(now), deadline, reply });
                             continue;
                         }
+                    }
+                    if self.router.resolve(&dest).is_none() {
+                        self.ask_path(now, dest);
                     }
                     self.waiters.push(Waiter::Probe { dest, id, sent, deadline, reply });
                 }
@@ -482,7 +523,12 @@ impl Hub {
                     }
                     let addr = LinkAddr::Named(dest.to_hex().into());
                     match (self.e2e.session_peer(&addr), self.router.destination_peer(&dest)) {
+                        (Some(peer), _) if !owns_node_destination(&peer, &dest) => {
+                            // Cannot happen after the check at Connected; kept as a guard.
+                            let _ = reply.send(json!({"ok": false, "error": "the session at that destination belongs to another identity"}));
+                        }
                         (Some(peer), _) => {
+                            self.e2e_used.insert(dest, now);
                             let r = match self.e2e.send(&peer, data) {
                                 Ok(()) => json!({"ok": true, "dest": dest.to_hex(), "peer": peer.to_hex()}),
                                 Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -498,7 +544,12 @@ impl Hub {
                             }
                             self.waiters.push(Waiter::Send { dest, data, deadline, reply });
                         }
-                        _ => self.waiters.push(Waiter::Send { dest, data, deadline, reply }),
+                        _ => {
+                            if self.router.resolve(&dest).is_none() {
+                                self.ask_path(now, dest);
+                            }
+                            self.waiters.push(Waiter::Send { dest, data, deadline, reply });
+                        }
                     }
                 }
             }
@@ -564,7 +615,10 @@ impl Hub {
                 let via = self.neighbours.get(&next_hop).map(|(k, _)| k.iface.clone()).unwrap_or_default();
                 tracing::info!(%dest, %peer, hops, interface = %via, "path learned");
             }
-            MeshEvent::PathLost { dest } => tracing::info!(%dest, "path lost"),
+            MeshEvent::PathLost { dest } => {
+                self.dirty = true;
+                tracing::info!(%dest, "path lost");
+            }
             MeshEvent::Delivered { dest, payload } if dest == self.node_dest => self.on_delivered(now, &payload),
             MeshEvent::Delivered { dest, .. } => tracing::debug!(%dest, "data for an unused local destination"),
             MeshEvent::Forwarded { dest, payload } => {
@@ -610,14 +664,42 @@ impl Hub {
     fn on_e2e_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Connected { addr, peer, mode, initiator } => {
-                self.e2e_sessions += 1;
-                tracing::info!(dest = %addr, %peer, ?mode, initiator, "end-to-end link up");
+                // The link address is the destination the frames claimed to come from (or the
+                // one dialled); the handshake proved `peer`. They must belong together, or a
+                // relay could sit at someone else's destination.
+                let dest = match &addr {
+                    LinkAddr::Named(n) => n.as_str().parse::<DestinationHash>().ok(),
+                    _ => None,
+                };
+                match dest {
+                    Some(d) if owns_node_destination(&peer, &d) => {
+                        self.e2e_sessions += 1;
+                        self.e2e_used.insert(d, Instant::now());
+                        tracing::info!(dest = %addr, %peer, ?mode, initiator, "end-to-end link up");
+                    }
+                    _ => {
+                        tracing::warn!(dest = %addr, %peer, "end-to-end link refused: the peer does not own that destination");
+                        self.e2e.close(Instant::now(), &addr);
+                    }
+                }
             }
             LinkEvent::Message { addr, peer, data } => {
+                if let LinkAddr::Named(n) = &addr {
+                    if let Ok(d) = n.as_str().parse::<DestinationHash>() {
+                        self.e2e_used.insert(d, Instant::now());
+                    }
+                }
                 let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
                 tracing::info!(dest = %addr, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
             }
-            LinkEvent::Disconnected { addr, peer, reason } => tracing::info!(dest = %addr, %peer, ?reason, "end-to-end link down"),
+            LinkEvent::Disconnected { addr, peer, reason } => {
+                if let LinkAddr::Named(n) = &addr {
+                    if let Ok(d) = n.as_str().parse::<DestinationHash>() {
+                        self.e2e_used.remove(&d);
+                    }
+                }
+                tracing::info!(dest = %addr, %peer, ?reason, "end-to-end link down");
+            }
             LinkEvent::HandshakeFailed { addr, error } => tracing::warn!(dest = %addr, "end-to-end handshake failed: {error}"),
             LinkEvent::Rekeyed { .. } => {}
         }

@@ -117,6 +117,17 @@ pub async fn run(
     if let Some(d) = &data_dir {
         std::fs::create_dir_all(d).map_err(|source| UpError::DataDir { path: d.clone(), source })?;
     }
+    // The control socket first: it is also the lock that keeps a second node off this
+    // data directory (and its store).
+    let listener = match &data_dir {
+        Some(d) => {
+            let path = d.join(control::SOCKET_NAME);
+            let listener = control::bind(&path).await?;
+            tracing::info!(socket = %path.display(), "control socket");
+            Some((path, listener))
+        }
+        None => None,
+    };
     let (hub_tx, hub_rx) = mpsc::unbounded_channel();
     let hub_stop = Arc::new(Notify::new());
     let hub_cfg = HubConfig {
@@ -125,15 +136,7 @@ pub async fn run(
         save_interval: Duration::from_secs(60),
     };
     let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, hub_rx, Arc::clone(&hub_stop)));
-    let control_task = match &data_dir {
-        Some(d) => {
-            let path = d.join(control::SOCKET_NAME);
-            let listener = control::bind(&path).await?;
-            tracing::info!(socket = %path.display(), "control socket");
-            Some((path, tokio::spawn(control::serve(listener, hub_tx.clone()))))
-        }
-        None => None,
-    };
+    let control_task = listener.map(|(path, l)| (path, tokio::spawn(control::serve(l, hub_tx.clone()))));
 
     let mut summary = RunSummary::default();
     let mut open: Vec<SharedTransport> = Vec::new();
@@ -174,6 +177,9 @@ pub async fn run(
                     }
                     endpoints.push((iface.name.clone(), ep));
                 } else {
+                    if !iface.connect.is_empty() {
+                        tracing::warn!(interface = %iface.name, "`connect` is for QUIC interfaces; a constrained interface reaches the peers its transport reports");
+                    }
                     let mut lc = LinkConfig::from_capabilities(&caps);
                     iface.link.apply(&mut lc);
                     let engine = match LinkEngine::new(Arc::clone(&identity), lc) {
@@ -209,9 +215,8 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
-    if let Some((path, task)) = control_task {
+    if let Some((_, task)) = &control_task {
         task.abort();
-        let _ = std::fs::remove_file(path);
     }
     for (name, ep) in &endpoints {
         // Tells connected peers, drains, and closes the interface underneath.
@@ -243,6 +248,10 @@ pub async fn run(
         summary.paths = h.paths;
         summary.e2e_sessions = h.e2e_sessions;
     }
+    // Only once the store is saved and closed may another node take the directory.
+    if let Some((path, _)) = control_task {
+        let _ = std::fs::remove_file(path);
+    }
     for t in open {
         // close joins plugin threads; keep it off the async workers.
         let name = t.interface().to_owned();
@@ -268,16 +277,22 @@ pub async fn run(
 pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::UnboundedSender<HubEvent>) {
     let mut events = ep.subscribe();
     let key = |peer| NeighbourKey { iface: iface.clone(), peer };
+    // Peers announced to the hub: a message can be read before its connection's event.
+    let mut up = std::collections::HashSet::new();
+    let neighbour_up = |peer| HubEvent::Up { key: key(peer), compact: false, cost: 1, announce_rate: 0, tx: NeighbourTx::Quic(Arc::clone(&ep)) };
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(P2pEvent::PeerConnected { peer, addr, side }) => {
                     tracing::info!(interface = %iface, %peer, %addr, ?side, "peer connected");
-                    let _ = hub.send(HubEvent::Up { key: key(peer), compact: false, cost: 1, announce_rate: 0, tx: NeighbourTx::Quic(Arc::clone(&ep)) });
+                    if up.insert(peer) {
+                        let _ = hub.send(neighbour_up(peer));
+                    }
                 }
                 Ok(P2pEvent::PeerAuthenticated { peer }) => tracing::debug!(interface = %iface, %peer, "peer authenticated (ML-DSA-65)"),
                 Ok(P2pEvent::PeerDisconnected { peer, reason }) => {
                     tracing::info!(interface = %iface, %peer, ?reason, "peer disconnected");
+                    up.remove(&peer);
                     let _ = hub.send(HubEvent::Down { key: key(peer) });
                 }
                 Ok(P2pEvent::DataReceived { .. }) => {}
@@ -287,6 +302,9 @@ pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::Unbounde
             msg = ep.recv() => match msg {
                 Ok((peer, data)) => match data.split_first() {
                     Some((&MSG_MESH, packet)) => {
+                        if up.insert(peer) {
+                            let _ = hub.send(neighbour_up(peer));
+                        }
                         let _ = hub.send(HubEvent::Packet { key: key(peer), bytes: packet.to_vec() });
                     }
                     _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
@@ -303,21 +321,25 @@ async fn keep_dialled(iface: String, ep: Arc<P2pEndpoint>, addr: String) {
     let mut backoff = Duration::from_millis(250);
     let mut peer = None;
     loop {
-        let connected = peer.is_some_and(|p| ep.is_connected(&p));
-        if !connected {
+        // Checking the connection is cheap; dialling backs off on failure up to a minute.
+        let wait = if peer.is_some_and(|p| ep.is_connected(&p)) {
+            Duration::from_secs(2)
+        } else {
             match ep.connect_transport(&target, None).await {
                 Ok(p) => {
                     tracing::info!(interface = %iface, %addr, peer = %p, "dialled");
                     peer = Some(p);
                     backoff = Duration::from_millis(250);
+                    Duration::from_secs(2)
                 }
                 Err(e) => {
                     tracing::debug!(interface = %iface, %addr, "dial failed: {e}");
                     backoff = (backoff * 2).min(Duration::from_secs(60));
+                    backoff
                 }
             }
-        }
-        tokio::time::sleep(if connected || peer.is_some() { Duration::from_secs(2) } else { backoff }).await;
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -68,6 +68,10 @@ pub struct RouterConfig {
     pub replay_on_connect: bool,
     /// Emit [`MeshEvent::Forwarded`] for every relayed data packet (diagnostics).
     pub report_forwarded: bool,
+    /// Path requests per second accepted from one neighbour.
+    pub request_rate: f64,
+    /// Burst of that allowance.
+    pub request_burst: u32,
 }
 
 impl Default for RouterConfig {
@@ -85,6 +89,8 @@ impl Default for RouterConfig {
             request_lifetime: Duration::from_secs(60),
             replay_on_connect: true,
             report_forwarded: false,
+            request_rate: 2.0,
+            request_burst: 20,
         }
     }
 }
@@ -179,6 +185,13 @@ pub enum DropReason {
     /// Too many hops.
     #[error("hop limit")]
     HopLimit,
+    /// A copy of an announce whose path was lost, no cheaper than before the loss: it may
+    /// lead back through this node (feasibility condition).
+    #[error("infeasible path to {0}")]
+    Infeasible(DestinationHash),
+    /// The neighbour exceeded its path-request rate.
+    #[error("path request rate limit")]
+    RequestRateLimited,
     /// This node's own announce came back.
     #[error("own announce reflected")]
     Reflected,
@@ -306,6 +319,10 @@ pub struct Router {
     restored: HashMap<PeerId, Vec<PathRecord>>,
     /// This node's latest announce per local destination, replayed to new neighbours.
     own: HashMap<DestinationHash, Announce>,
+    /// For destinations whose path was lost: the announce timestamp and cost it had.
+    feasible: HashMap<DestinationHash, (u64, u16)>,
+    /// Per-neighbour path-request allowance.
+    request_tokens: HashMap<NeighbourId, Bucket>,
 }
 
 impl Router {
@@ -332,6 +349,8 @@ impl Router {
             stats: RouterStats::default(),
             restored: HashMap::new(),
             own: HashMap::new(),
+            feasible: HashMap::new(),
+            request_tokens: HashMap::new(),
             cfg,
         }
     }
@@ -357,7 +376,9 @@ impl Router {
     /// A neighbour came up (an authenticated session). It is sent this node's announces
     /// and every announce this node holds a path for (so it can route at once), and stored
     /// paths through it come back.
-    pub fn add_neighbour(&mut self, now: Instant, id: NeighbourId, info: NeighbourInfo) {
+    pub fn add_neighbour(&mut self, now: Instant, id: NeighbourId, mut info: NeighbourInfo) {
+        // Every hop costs something: a zero-cost hop would break the loop-freedom argument.
+        info.cost = info.cost.max(1);
         let peer = info.peer;
         // Starts with one second's allowance, so the first announces go at once.
         let tokens = info.announce_rate as f64;
@@ -482,10 +503,13 @@ impl Router {
         self.neighbours.remove(&id);
         let lost: Vec<DestinationHash> = self.paths.iter().filter(|(_, p)| p.next_hop == id).map(|(d, _)| *d).collect();
         for d in lost {
-            self.paths.remove(&d);
+            if let Some(p) = self.paths.remove(&d) {
+                self.feasible.insert(d, (p.timestamp_ms, p.cost));
+            }
             self.events.push_back(MeshEvent::PathLost { dest: d });
         }
         self.out.retain(|(n, _)| *n != id);
+        self.request_tokens.remove(&id);
     }
 
     /// Registers a local destination for `service`; returns its hash.
@@ -616,8 +640,11 @@ impl Router {
         if hops >= self.cfg.max_hops {
             return Err(DropReason::HopLimit);
         }
-        // Parse without the signature check first: duplicates (by id) and stale or
-        // rate-limited announces never cost a verification.
+        // A compact announce is taken on the word of the (authenticated) neighbour: a node
+        // that learnt an announce over a constrained hop has only the compact form to pass
+        // on, whatever the next hop. Paths from it stay marked unverified.
+        // Parse without the signature check first, so that duplicates (by id) and stale
+        // announces never cost a verification.
         let (body, id, full_bytes) = if compact {
             // Checks the destination binding too.
             let c = CompactAnnounce::decode(bytes)?;
@@ -657,8 +684,20 @@ impl Router {
             }
             _ => true,
         };
-        if !fresh && response.is_none() && !self.seen.insert(id) && !self.better(&body.dest, new_cost, new_hops) {
+        // A full copy of an announce held only in compact form is worth verifying.
+        let upgrade = full_bytes.is_some() && self.cache.get(&body.dest).is_some_and(|c| c.id == id && c.full.is_none());
+        if !fresh && response.is_none() && !self.seen.insert(id) && !self.better(&body.dest, new_cost, new_hops) && !upgrade {
             return Err(DropReason::Duplicate);
+        }
+        // Feasibility (as in Babel): after the path to a destination was lost, a copy of
+        // the same announce is taken only from a neighbour whose own cost is below what
+        // this node's cost was; any other neighbour may be routing through this node.
+        if !fresh && !self.paths.contains_key(&body.dest) {
+            if let Some(&(ts, fd)) = self.feasible.get(&body.dest) {
+                if ts == body.timestamp_ms && cost >= fd {
+                    return Err(DropReason::Infeasible(body.dest));
+                }
+            }
         }
         // Verify the full form once per announce id, and before the rate limit, so that
         // forged announces cannot spend an identity's allowance.
@@ -681,7 +720,7 @@ impl Router {
             return Err(DropReason::RateLimited(body.peer));
         }
         self.seen.insert(id);
-        let verified = full.is_some();
+        let verified = full.is_some() || self.cache.get(&body.dest).is_some_and(|c| c.id == id && c.full.is_some());
         let expires = self.instant_of(body.expires_ms());
         let entry = PathEntry {
             next_hop: from,
@@ -696,8 +735,19 @@ impl Router {
         };
         let dest = body.dest;
         let peer = body.peer;
-        let install = fresh || self.better(&dest, new_cost, new_hops);
-        if install && (self.paths.contains_key(&dest) || self.paths.len() < self.cfg.max_paths) {
+        if fresh {
+            self.feasible.remove(&dest);
+        }
+        let install = fresh || self.better(&dest, new_cost, new_hops) || (upgrade && self.paths.get(&dest).is_some_and(|p| p.next_hop == from));
+        if install && !self.paths.contains_key(&dest) && self.paths.len() >= self.cfg.max_paths {
+            // Full: the path closest to expiry makes room.
+            if let Some(victim) = self.paths.iter().min_by_key(|(_, p)| p.expires).map(|(d, _)| *d) {
+                self.paths.remove(&victim);
+                self.cache.remove(&victim);
+                self.events.push_back(MeshEvent::PathLost { dest: victim });
+            }
+        }
+        if install {
             self.paths.insert(dest, entry);
             self.events.push_back(MeshEvent::PathLearned { dest, peer, next_hop: from, hops: new_hops });
         }
@@ -717,7 +767,8 @@ impl Router {
                 // later answers (over other paths) stop here. Ours ends here too: the
                 // PathLearned event above is the answer.
                 if let Some((Some(back), _)) = self.requests.remove(&tag) {
-                    if back != from {
+                    // Only an answer this node would route by itself goes back.
+                    if back != from && self.paths.contains_key(&dest) {
                         self.forward_cached(back, &dest, new_hops, new_cost, Some(tag));
                     }
                 }
@@ -795,6 +846,16 @@ impl Router {
         if !self.tags.insert(tag) {
             return Err(DropReason::Duplicate);
         }
+        // Each request floods and may cost a signature: a neighbour gets a bucket of
+        // `request_burst`, refilled at `request_rate` per second.
+        let (burst, rate) = (f64::from(self.cfg.request_burst), self.cfg.request_rate);
+        let b = self.request_tokens.entry(from).or_insert(Bucket { tokens: burst, at: now });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens < 1.0 {
+            return Err(DropReason::RequestRateLimited);
+        }
+        b.tokens -= 1.0;
         if hops >= self.cfg.max_hops {
             return Err(DropReason::HopLimit);
         }
@@ -864,6 +925,13 @@ impl Router {
             self.events.push_back(MeshEvent::PathLost { dest: d });
         }
         self.requests.retain(|_, (_, until)| *until > now);
+        // Announces whose path went away with a neighbour expire here too.
+        let now_ms = self.unix_ms(now);
+        let dead: Vec<DestinationHash> = self.cache.iter().filter(|(_, c)| c.body.expires_ms() <= now_ms).map(|(d, _)| *d).collect();
+        for d in dead {
+            self.cache.remove(&d);
+            self.feasible.remove(&d);
+        }
         let full = f64::from(self.cfg.identity_burst);
         let interval = self.cfg.identity_interval.as_secs_f64().max(1e-9);
         self.rate.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() / interval < full);
