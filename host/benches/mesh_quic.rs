@@ -128,6 +128,7 @@ fn main() {
         let c = Arc::new(P2pEndpoint::new(mk(&idc)).await.unwrap());
         a.connect_addr(r.local_addr().unwrap()).await.unwrap();
         r.connect_addr(c.local_addr().unwrap()).await.unwrap();
+        a.connect_addr(c.local_addr().unwrap()).await.unwrap();
         let now = Instant::now();
         let mut router = Router::new(Arc::clone(&idr), RouterConfig::default(), (now, 1_700_000_000_000), [5; 32]);
         router.add_neighbour(now, NeighbourId(1), NeighbourInfo { peer: ida.peer_id(), compact: false, cost: 1, announce_rate: 0 });
@@ -151,87 +152,128 @@ fn main() {
         router.handle_packet(now, NeighbourId(2), &pkt).unwrap();
         while router.poll_transmit(now).is_some() {}
         let (cpeer, rpeer) = (idc.peer_id(), idr.peer_id());
-        let relay = {
-            let r = Arc::clone(&r);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while n < packets {
-                    let Ok((_, msg)) = r.recv().await else { break };
-                    let now = Instant::now();
-                    let _ = router.handle_packet(now, NeighbourId(1), &msg[1..]);
-                    while let Some((_, out)) = router.poll_transmit(now) {
-                        let mut m = vec![MSG_MESH];
-                        m.extend_from_slice(&out);
-                        r.send(&cpeer, &m).await.unwrap();
-                    }
-                    n += 1;
-                }
-            })
-        };
-        let sink = {
-            let c = Arc::clone(&c);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while n < packets {
-                    if c.recv().await.is_err() {
-                        break;
-                    }
-                    n += 1;
-                }
-            })
-        };
-        let mut msg = vec![MSG_MESH];
-        msg.extend_from_slice(&Packet::Data { dest, hops: 0, payload: &[0xab; 1024] }.encode());
-        let cpu0 = cpu();
-        let t = Instant::now();
-        for _ in 0..packets {
-            a.send(&rpeer, &msg).await.unwrap();
+        println!("\nRelay over QUIC (A → relay → C, 1 KiB payloads, all three nodes in this process):");
+        for datagrams in [false, true] {
+            let label = if datagrams { "DATAGRAM frames (what the hub uses for packets that fit)" } else { "one uni stream per packet" };
+            let (relayed, relay_secs, relay_cpu) = run_relay(&a, &r, &c, &rpeer, &cpeer, dest, packets, datagrams, &mut router).await;
+            let (direct, direct_secs, direct_cpu) = run_direct(&a, &c, &cpeer, dest, packets, datagrams).await;
+            let relay_cost = (relay_cpu - direct_cpu).max(1e-9);
+            println!("  {label}:");
+            println!(
+                "    relayed {relayed}/{packets} in {:.2} s ({:.0} packets/s), process CPU {:.2} s; direct A → C {direct}/{packets}, CPU {:.2} s",
+                relay_secs,
+                relayed as f64 / relay_secs,
+                relay_cpu,
+                direct_cpu
+            );
+            let _ = direct_secs;
+            println!(
+                "    the relay costs {:.1} µs per packet: {:.0} packets/s per core",
+                relay_cost / relayed.max(1) as f64 * 1e6,
+                relayed as f64 / relay_cost
+            );
         }
-        sink.await.unwrap();
-        relay.await.unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        let cpu_s = (cpu() - cpu0).as_secs_f64();
-        println!("\nRelay over QUIC (A → relay → C, 1 KiB payloads, one uni stream per packet, all three in this process):");
-        println!(
-            "  {:.0} packets/s end to end; process CPU {:.2} s for {packets} packets = {:.1} µs per packet for all three nodes",
-            packets as f64 / secs,
-            cpu_s,
-            cpu_s / packets as f64 * 1e6
-        );
-        // The same traffic A → C directly: what the relay adds is the difference.
-        a.connect_addr(c.local_addr().unwrap()).await.unwrap();
-        let sink = {
-            let c = Arc::clone(&c);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while n < packets {
-                    if c.recv().await.is_err() {
-                        break;
-                    }
-                    n += 1;
-                }
-            })
-        };
-        let cpu1 = cpu();
-        let t = Instant::now();
-        for _ in 0..packets {
-            a.send(&cpeer, &msg).await.unwrap();
-        }
-        sink.await.unwrap();
-        let direct_secs = t.elapsed().as_secs_f64();
-        let direct_cpu = (cpu() - cpu1).as_secs_f64();
-        let relay_cpu = (cpu_s - direct_cpu).max(1e-9);
-        println!(
-            "  direct A → C: {:.0} packets/s, CPU {:.2} s; so the relay costs {:.1} µs per packet: {:.0} packets/s per core",
-            packets as f64 / direct_secs,
-            direct_cpu,
-            relay_cpu / packets as f64 * 1e6,
-            packets as f64 / relay_cpu
-        );
         a.shutdown().await;
         r.shutdown().await;
         c.shutdown().await;
     });
+}
+
+/// Drains `ep`'s messages or datagrams until `n` arrived or none came for a second.
+/// Returns how many arrived and when the last one did.
+async fn sink(ep: Arc<P2pEndpoint>, n: u64, datagrams: bool) -> (u64, Instant) {
+    let mut got = 0u64;
+    let mut last = Instant::now();
+    while got < n {
+        let next = async {
+            if datagrams {
+                ep.recv_datagram().await.is_ok()
+            } else {
+                ep.recv().await.is_ok()
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(1), next).await {
+            Ok(true) => {
+                got += 1;
+                last = Instant::now();
+            }
+            _ => break,
+        }
+    }
+    (got, last)
+}
+
+async fn send(ep: &P2pEndpoint, to: &antmesh_host::identity::PeerId, msg: &[u8], datagrams: bool) {
+    if datagrams {
+        ep.send_datagram(to, msg).await.unwrap();
+    } else {
+        ep.send(to, msg).await.unwrap();
+    }
+}
+
+fn data_msg(dest: DestinationHash) -> Vec<u8> {
+    let mut msg = vec![MSG_MESH];
+    msg.extend_from_slice(&Packet::Data { dest, hops: 0, payload: &[0xab; 1024] }.encode());
+    msg
+}
+
+/// A → relay → C. Returns (delivered, seconds, process CPU seconds).
+#[allow(clippy::too_many_arguments)]
+async fn run_relay(
+    a: &Arc<P2pEndpoint>,
+    r: &Arc<P2pEndpoint>,
+    c: &Arc<P2pEndpoint>,
+    rpeer: &antmesh_host::identity::PeerId,
+    cpeer: &antmesh_host::identity::PeerId,
+    dest: DestinationHash,
+    packets: u64,
+    datagrams: bool,
+    router: &mut Router,
+) -> (u64, f64, f64) {
+    let msg = data_msg(dest);
+    let cpu0 = cpu();
+    let t = Instant::now();
+    let sink = tokio::spawn(sink(Arc::clone(c), packets, datagrams));
+    let relay = async {
+        let mut n = 0u64;
+        while n < packets {
+            let got = if datagrams {
+                tokio::time::timeout(Duration::from_secs(1), r.recv_datagram()).await
+            } else {
+                tokio::time::timeout(Duration::from_secs(1), r.recv()).await
+            };
+            let Ok(Ok((_, m))) = got else { break };
+            let now = Instant::now();
+            let _ = router.handle_packet(now, NeighbourId(1), &m[1..]);
+            while let Some((_, out)) = router.poll_transmit(now) {
+                let mut fwd = vec![MSG_MESH];
+                fwd.extend_from_slice(&out);
+                send(r, cpeer, &fwd, datagrams).await;
+            }
+            n += 1;
+        }
+    };
+    let source = async {
+        for _ in 0..packets {
+            send(a, rpeer, &msg, datagrams).await;
+        }
+    };
+    tokio::join!(relay, source);
+    let (got, last) = sink.await.unwrap();
+    (got, last.duration_since(t).as_secs_f64(), (cpu() - cpu0).as_secs_f64())
+}
+
+/// The same traffic A → C directly.
+async fn run_direct(a: &Arc<P2pEndpoint>, c: &Arc<P2pEndpoint>, cpeer: &antmesh_host::identity::PeerId, dest: DestinationHash, packets: u64, datagrams: bool) -> (u64, f64, f64) {
+    let msg = data_msg(dest);
+    let cpu0 = cpu();
+    let t = Instant::now();
+    let sink = tokio::spawn(sink(Arc::clone(c), packets, datagrams));
+    for _ in 0..packets {
+        send(a, cpeer, &msg, datagrams).await;
+    }
+    let (got, last) = sink.await.unwrap();
+    (got, last.duration_since(t).as_secs_f64(), (cpu() - cpu0).as_secs_f64())
 }
 
 fn cpu() -> Duration {

@@ -580,8 +580,14 @@ impl Hub {
                 match tx {
                     NeighbourTx::Quic(ep) => {
                         let (ep, peer) = (Arc::clone(ep), key.peer);
+                        // A mesh packet that fits a QUIC datagram goes as one: no stream to
+                        // open and close per packet. Mesh traffic tolerates loss (ARQ inside
+                        // end-to-end links, repeated announces, probes and path requests).
+                        // Larger ones (full announces) go as messages on streams.
+                        let fits = ep.max_datagram_size(&peer).is_some_and(|m| msg.len() <= m);
                         tokio::spawn(async move {
-                            if let Err(e) = ep.send(&peer, &msg).await {
+                            let r = if fits { ep.send_datagram(&peer, &msg).await } else { ep.send(&peer, &msg).await };
+                            if let Err(e) = r {
                                 tracing::debug!(%peer, "mesh packet not sent: {e}");
                             }
                         });

@@ -299,6 +299,17 @@ pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::Unbounde
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::debug!(interface = %iface, "{n} events skipped"),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
+            dg = ep.recv_datagram() => match dg {
+                Ok((peer, data)) => {
+                    if let Some((&MSG_MESH, packet)) = data.split_first() {
+                        if up.insert(peer) {
+                            let _ = hub.send(neighbour_up(peer));
+                        }
+                        let _ = hub.send(HubEvent::Packet { key: key(peer), bytes: packet.to_vec() });
+                    }
+                }
+                Err(_) => return,
+            },
             msg = ep.recv() => match msg {
                 Ok((peer, data)) => match data.split_first() {
                     Some((&MSG_MESH, packet)) => {

@@ -237,6 +237,9 @@ pub enum MessageError {
     /// The stream was already closed.
     #[error(transparent)]
     Closed(#[from] quinn::ClosedStream),
+    /// The datagram could not be sent (too large, or the peer takes none).
+    #[error(transparent)]
+    Datagram(#[from] quinn::SendDatagramError),
 }
 
 /// Why `recv` returned nothing.
@@ -294,6 +297,7 @@ struct Inner {
     peers: Mutex<HashMap<PeerId, PeerEntry>>,
     events: broadcast::Sender<P2pEvent>,
     messages: mpsc::Sender<(PeerId, Vec<u8>)>,
+    datagrams: mpsc::Sender<(PeerId, Vec<u8>)>,
     bi_streams: mpsc::Sender<(PeerId, quinn::SendStream, quinn::RecvStream)>,
     incoming: mpsc::Sender<PeerId>,
     max_message_size: usize,
@@ -321,6 +325,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct P2pEndpoint {
     inner: Arc<Inner>,
     messages: tokio::sync::Mutex<mpsc::Receiver<(PeerId, Vec<u8>)>>,
+    datagrams: tokio::sync::Mutex<mpsc::Receiver<(PeerId, Vec<u8>)>>,
     bi_streams: tokio::sync::Mutex<mpsc::Receiver<(PeerId, quinn::SendStream, quinn::RecvStream)>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<PeerId>>,
 }
@@ -355,6 +360,7 @@ impl P2pEndpoint {
         .map_err(EndpointError::Quic)?;
         let (events_tx, _) = broadcast::channel(1024);
         let (msg_tx, msg_rx) = mpsc::channel(config.recv_queue.max(1));
+        let (dg_tx, dg_rx) = mpsc::channel(config.recv_queue.max(1));
         let (bi_tx, bi_rx) = mpsc::channel(64);
         let (in_tx, in_rx) = mpsc::channel(64);
         let inner = Arc::new(Inner {
@@ -365,6 +371,7 @@ impl P2pEndpoint {
             peers: Mutex::new(HashMap::new()),
             events: events_tx,
             messages: msg_tx,
+            datagrams: dg_tx,
             bi_streams: bi_tx,
             incoming: in_tx,
             max_message_size: config.max_message_size,
@@ -376,6 +383,7 @@ impl P2pEndpoint {
         Ok(P2pEndpoint {
             inner,
             messages: tokio::sync::Mutex::new(msg_rx),
+            datagrams: tokio::sync::Mutex::new(dg_rx),
             bi_streams: tokio::sync::Mutex::new(bi_rx),
             incoming: tokio::sync::Mutex::new(in_rx),
         })
@@ -464,6 +472,28 @@ impl P2pEndpoint {
     /// The next message from any peer.
     pub async fn recv(&self) -> Result<(PeerId, Vec<u8>), RecvError> {
         self.messages.lock().await.recv().await.ok_or(RecvError::Shutdown)
+    }
+
+    /// Sends one unreliable datagram (QUIC DATAGRAM frame, RFC 9221) to `peer`, waiting
+    /// for room in the send buffer rather than dropping. Much cheaper than a message (no
+    /// stream), but may be lost and must fit [`P2pEndpoint::max_datagram_size`].
+    pub async fn send_datagram(&self, peer: &PeerId, data: &[u8]) -> Result<(), MessageError> {
+        let conn = self.connection(peer).ok_or(MessageError::NotConnected(*peer))?;
+        conn.send_datagram_wait(bytes::Bytes::copy_from_slice(data)).await?;
+        self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The largest datagram `peer` takes now (None: not connected, or it takes none).
+    pub fn max_datagram_size(&self, peer: &PeerId) -> Option<usize> {
+        self.connection(peer)?.max_datagram_size()
+    }
+
+    /// The next datagram from any peer. Datagrams that arrive while this queue is full are
+    /// dropped (they are unreliable by nature).
+    pub async fn recv_datagram(&self) -> Result<(PeerId, Vec<u8>), RecvError> {
+        self.datagrams.lock().await.recv().await.ok_or(RecvError::Shutdown)
     }
 
     /// Opens a bidirectional stream to `peer`.
@@ -599,8 +629,19 @@ fn register(inner: &Arc<Inner>, conn: quinn::Connection, peer: PeerId, side: Sid
     let _ = inner.events.send(P2pEvent::PeerConnected { peer, addr: conn.remote_address(), side });
     let _ = inner.events.send(P2pEvent::PeerAuthenticated { peer });
     tokio::spawn(read_uni(Arc::clone(inner), conn.clone(), peer));
+    tokio::spawn(read_datagrams(Arc::clone(inner), conn.clone(), peer));
     tokio::spawn(read_bi(Arc::clone(inner), conn.clone(), peer));
     tokio::spawn(watch_close(Arc::clone(inner), conn, peer));
+}
+
+async fn read_datagrams(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
+    while let Ok(d) = conn.read_datagram().await {
+        inner.stats.received.fetch_add(1, Ordering::Relaxed);
+        inner.stats.bytes_received.fetch_add(d.len() as u64, Ordering::Relaxed);
+        if inner.datagrams.try_send((peer, d.to_vec())).is_err() {
+            tracing::trace!(%peer, "datagram dropped: receive queue full");
+        }
+    }
 }
 
 async fn read_uni(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
