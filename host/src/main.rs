@@ -81,6 +81,10 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// One sealed packet (ML-KEM to the destination's key) instead of a link: no
+        /// handshake, but the sender is not authenticated.
+        #[arg(long)]
+        packet: bool,
         #[command(flatten)]
         node: cli::mesh::NodeArgs,
     },
@@ -127,7 +131,7 @@ fn main() -> ExitCode {
         Command::Status { node } => cli::mesh::status(node),
         Command::Paths { node } => cli::mesh::paths(node),
         Command::Probe { dest, timeout, node } => cli::mesh::probe(node, dest, timeout),
-        Command::Send { dest, text, timeout, node } => cli::mesh::send(node, dest, text, timeout),
+        Command::Send { dest, text, timeout, packet, node } => cli::mesh::send(node, dest, text, timeout, packet),
     }
 }
 

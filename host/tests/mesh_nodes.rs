@@ -72,14 +72,25 @@ fn a_destination_two_hops_away_over_mixed_transports() {
     assert!(ok, "{sent}");
     a.wait(&["end-to-end message received", "and back", &c.id.to_hex()]);
 
-    // B relayed the link's frames and never held the plaintext.
+    // One sealed packet (no link): C's signed sealing key is fetched, then the packet goes.
+    let sealed_marker = "sealed secret 41c9";
+    let (ok, sent) = a.cli(&["send", &c_dest, sealed_marker, "--packet", "--timeout", "60"]);
+    assert!(ok, "{sent}");
+    assert_eq!(sent["sealed"], true);
+    c.wait(&["sealed packet received", sealed_marker]);
+
+    // B relayed the link's frames and the sealed packet and never held a plaintext.
     b.drain();
     let forwarded: Vec<&String> = b.seen.iter().filter(|l| l.contains("forwarded")).collect();
     assert!(forwarded.iter().any(|l| l.contains(&c_dest)), "B forwarded nothing to C: {:?}", b.seen);
-    let hex_marker = hex::encode(marker);
-    for l in &b.seen {
-        assert!(!l.contains(marker) && !l.contains(&hex_marker), "B saw the plaintext: {l}");
+    for m in [marker, sealed_marker] {
+        let hex_marker = hex::encode(m);
+        for l in &b.seen {
+            assert!(!l.contains(m) && !l.contains(&hex_marker), "B saw the plaintext: {l}");
+        }
     }
+    // The sealed packet (0x06 + 1,088-byte ciphertext + text + tag) went through B.
+    assert!(forwarded.iter().any(|l| l.contains(&c_dest) && l.contains("payload=06")), "no sealed packet relayed");
     assert!(!b.seen.iter().any(|l| l.contains("end-to-end link up")), "B has an end-to-end session");
 
     // kill -9 B: its paths come back from the store, and the route works again.

@@ -101,8 +101,15 @@ pub fn probe(node: NodeArgs, dest: String, timeout_s: u64) -> ExitCode {
     finish(&node, r, |v| format!("{}: {} hops, round trip {:.1} ms", v["dest"].as_str().unwrap_or(""), v["hops"], v["rtt_ms"].as_f64().unwrap_or(0.0)))
 }
 
-/// `antmesh send <dest> <text>`.
-pub fn send(node: NodeArgs, dest: String, text: String, timeout_s: u64) -> ExitCode {
-    let r = ask(&node, json!({"cmd": "send", "dest": dest, "data": text, "timeout_s": timeout_s}), Duration::from_secs(timeout_s + 5));
-    finish(&node, r, |v| format!("sent to {} (peer {}) over an end-to-end link", v["dest"].as_str().unwrap_or(""), v["peer"].as_str().unwrap_or("")))
+/// `antmesh send <dest> <text> [--packet]`.
+pub fn send(node: NodeArgs, dest: String, text: String, timeout_s: u64, packet: bool) -> ExitCode {
+    let req = json!({"cmd": "send", "dest": dest, "data": text, "timeout_s": timeout_s, "sealed": packet});
+    let r = ask(&node, req, Duration::from_secs(timeout_s + 5));
+    finish(&node, r, |v| {
+        if v["sealed"].as_bool() == Some(true) {
+            format!("sent to {} as one sealed packet ({} bytes)", v["dest"].as_str().unwrap_or(""), v["bytes"])
+        } else {
+            format!("sent to {} (peer {}) over an end-to-end link", v["dest"].as_str().unwrap_or(""), v["peer"].as_str().unwrap_or(""))
+        }
+    })
 }

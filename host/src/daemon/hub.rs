@@ -10,6 +10,9 @@
 //! 0x01 probe        id [8] | reply-to destination [16]
 //! 0x02 probe reply  id [8]
 //! 0x03 link frame   reply-to destination [16] | link engine frame (docs/link.md)
+//! 0x04 key request  reply-to destination [16]
+//! 0x05 key record   destination [16] | signed ML-KEM key record (mesh::sealed)
+//! 0x06 sealed       sealed packet (mesh::sealed): one message, end-to-end encrypted
 //! ```
 //!
 //! End-to-end links are the constrained link engine run over the mesh: its link address
@@ -21,25 +24,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use antmesh_plugin_api::LinkAddr;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{Identity, PeerId};
-use crate::link::{LinkConfig, LinkEngine, LinkEvent};
 use crate::mesh::dest::{DestinationHash, ServiceName};
 use crate::mesh::router::{MeshEvent, NeighbourId, NeighbourInfo, Router, RouterConfig};
+use crate::mesh::sealed::{NodeKem, RemoteKem};
 use crate::mesh::store::MeshStore;
 use crate::quic::endpoint::P2pEndpoint;
 
 /// Message type byte of a mesh packet between neighbours.
 pub const MSG_MESH: u8 = 0x02;
-/// The service name of every node's own destination.
-pub const NODE_SERVICE: &str = "antmesh.node";
+pub use crate::mesh::dest::NODE_SERVICE;
 
 const PROBE: u8 = 0x01;
 const PROBE_REPLY: u8 = 0x02;
-const LINK_FRAME: u8 = 0x03;
+use crate::mesh::links::{LinkUpdate, MeshLinks, LINK_FRAME};
+const KEY_REQUEST: u8 = 0x04;
+const KEY_RECORD: u8 = 0x05;
+const SEALED: u8 = 0x06;
+/// Most remote sealing keys kept.
+const MAX_REMOTE_KEMS: usize = 256;
 
 /// How the hub sends to a neighbour.
 #[derive(Clone)]
@@ -120,6 +126,7 @@ pub struct HubConfig {
 enum Waiter {
     Probe { dest: DestinationHash, id: [u8; 8], sent: Option<Instant>, deadline: Instant, reply: oneshot::Sender<Value> },
     Send { dest: DestinationHash, data: Vec<u8>, deadline: Instant, reply: oneshot::Sender<Value> },
+    Sealed { dest: DestinationHash, data: Vec<u8>, deadline: Instant, reply: oneshot::Sender<Value> },
 }
 
 /// The hub's counters, for the exit log line.
@@ -138,7 +145,7 @@ fn unix_ms() -> u64 {
 struct Hub {
     me: Arc<Identity>,
     router: Router,
-    e2e: LinkEngine,
+    links: MeshLinks,
     node_dest: DestinationHash,
     neighbours: HashMap<NeighbourId, (NeighbourKey, NeighbourTx)>,
     ids: HashMap<NeighbourKey, NeighbourId>,
@@ -153,13 +160,14 @@ struct Hub {
     held: Vec<(DestinationHash, Vec<u8>, Instant)>,
     /// When a path request last went out, per destination (`ask_path`).
     asked: HashMap<DestinationHash, Instant>,
-    /// When each end-to-end link last carried a message (idle ones are closed).
-    e2e_used: HashMap<DestinationHash, Instant>,
-}
-
-/// Whether `dest` is the node destination of `peer`.
-fn owns_node_destination(peer: &PeerId, dest: &DestinationHash) -> bool {
-    ServiceName::new(NODE_SERVICE).is_ok_and(|s| DestinationHash::new(peer, &s) == *dest)
+    /// This node's sealing key and its signed record.
+    kem: NodeKem,
+    kem_record: Vec<u8>,
+    /// Verified sealing keys of other destinations.
+    remote_kems: HashMap<DestinationHash, RemoteKem>,
+    /// When a key request last went out, per destination.
+    key_asked: HashMap<DestinationHash, Instant>,
+    rng: crate::link::crypto::Rng,
 }
 
 /// End-to-end links idle this long are closed (a send opens one again).
@@ -196,11 +204,8 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
             return HubSummary::default();
         }
     };
-    let mut lc = LinkConfig::for_link(1200, 0);
-    // Several hops, some of them slow: no fast retransmissions of handshake fragments.
-    lc.latency = Duration::from_millis(500);
-    let e2e = match LinkEngine::new(Arc::clone(&me), lc) {
-        Ok(e) => e,
+    let links = match MeshLinks::new(Arc::clone(&me), node_dest, E2E_IDLE) {
+        Ok(l) => l,
         Err(e) => {
             tracing::error!("no randomness for end-to-end links: {e}");
             return HubSummary::default();
@@ -223,6 +228,19 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         }
     }
     tracing::info!(dest = %node_dest, service = NODE_SERVICE, "node destination");
+    let kem = NodeKem::for_identity(&me);
+    let kem_record = match kem.record(&me, &node_dest) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot sign the sealing key record: {e}");
+            return HubSummary::default();
+        }
+    };
+    let mut rng_seed = [0u8; 32];
+    if getrandom::getrandom(&mut rng_seed).is_err() {
+        tracing::error!("no randomness for sealed packets; mesh disabled");
+        return HubSummary::default();
+    }
     // Announced now (to nobody yet) so that each neighbour gets it as it comes up.
     if let Err(e) = router.announce(now, &node_dest) {
         tracing::warn!("announce failed: {e}");
@@ -230,7 +248,7 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
     let mut hub = Hub {
         me,
         router,
-        e2e,
+        links,
         node_dest,
         neighbours: HashMap::new(),
         ids: HashMap::new(),
@@ -241,7 +259,11 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         dirty: false,
         held: Vec::new(),
         asked: HashMap::new(),
-        e2e_used: HashMap::new(),
+        kem,
+        kem_record,
+        remote_kems: HashMap::new(),
+        key_asked: HashMap::new(),
+        rng: crate::link::crypto::Rng::from_seed(rng_seed),
     };
     let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
     let mut next_save = tokio::time::Instant::now() + cfg.save_interval;
@@ -253,8 +275,7 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         }
         let now = Instant::now();
         let held = hub.held.iter().map(|(_, _, t)| *t).min().map(|t| t.min(now + REQUEST_AGAIN));
-        let idle = hub.e2e_used.values().min().map(|t| *t + E2E_IDLE);
-        let wake = [hub.router.poll_timeout(now), hub.e2e.poll_timeout(now), hub.next_waiter_deadline(), held, idle]
+        let wake = [hub.router.poll_timeout(now), hub.links.poll_timeout(now), hub.next_waiter_deadline(), held]
             .into_iter()
             .flatten()
             .min()
@@ -270,10 +291,9 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 hub.router.handle_timeout(now);
-                hub.e2e.handle_timeout(now);
+                hub.links.handle_timeout(now);
                 hub.check_waiters(now);
                 hub.release_held(now);
-                hub.close_idle(now);
                 if tokio::time::Instant::now() >= next_announce {
                     hub.announce(now);
                     next_announce = tokio::time::Instant::now() + cfg.announce_interval;
@@ -328,17 +348,6 @@ impl Hub {
             } else {
                 tracing::debug!(%dest, "no path appeared; payload dropped");
             }
-        }
-    }
-
-    /// Closes end-to-end links unused for `E2E_IDLE`: they cost keepalives and rekeys on
-    /// every hop, slow ones included.
-    fn close_idle(&mut self, now: Instant) {
-        let idle: Vec<DestinationHash> = self.e2e_used.iter().filter(|(_, t)| **t + E2E_IDLE <= now).map(|(d, _)| *d).collect();
-        for d in idle {
-            self.e2e_used.remove(&d);
-            tracing::info!(dest = %d, "closing idle end-to-end link");
-            self.e2e.close(now, &LinkAddr::Named(d.to_hex().into()));
         }
     }
 
@@ -460,7 +469,12 @@ impl Hub {
                     if self.router.resolve(&d).is_none() {
                         self.ask_path(now, d);
                     }
-                    self.waiters.push(Waiter::Send { dest: d, data, deadline: now + timeout, reply });
+                    let deadline = now + timeout;
+                    if req.get("sealed").and_then(Value::as_bool) == Some(true) {
+                        self.waiters.push(Waiter::Sealed { dest: d, data, deadline, reply });
+                    } else {
+                        self.waiters.push(Waiter::Send { dest: d, data, deadline, reply });
+                    }
                     self.check_waiters(now);
                 }
                 Err(e) => {
@@ -478,6 +492,7 @@ impl Hub {
             .iter()
             .map(|w| match w {
                 Waiter::Probe { deadline, sent: Some(t), .. } => (*deadline).min(*t + PROBE_AGAIN),
+                Waiter::Sealed { deadline, .. } => (*deadline).min(Instant::now() + REQUEST_AGAIN),
                 Waiter::Probe { deadline, .. } | Waiter::Send { deadline, .. } => *deadline,
             })
             .min()
@@ -516,21 +531,46 @@ impl Hub {
                     }
                     self.waiters.push(Waiter::Probe { dest, id, sent, deadline, reply });
                 }
+                Waiter::Sealed { dest, data, deadline, reply } => {
+                    if deadline <= now {
+                        let _ = reply.send(json!({"ok": false, "error": "no sealing key from the destination", "dest": dest.to_hex()}));
+                        continue;
+                    }
+                    match self.remote_kems.get(&dest).cloned() {
+                        Some(kem) => {
+                            let r = match kem.seal(&mut self.rng, &dest, &data) {
+                                Ok(sealed) => {
+                                    let mut payload = vec![SEALED];
+                                    payload.extend_from_slice(&sealed);
+                                    self.send_or_hold(now, dest, payload);
+                                    json!({"ok": true, "dest": dest.to_hex(), "sealed": true, "bytes": sealed.len()})
+                                }
+                                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                            };
+                            let _ = reply.send(r);
+                        }
+                        None => {
+                            // Ask the destination for its signed sealing key, at most every
+                            // few seconds.
+                            if self.key_asked.get(&dest).is_none_or(|t| *t + REQUEST_AGAIN <= now) {
+                                self.key_asked.insert(dest, now);
+                                let mut payload = vec![KEY_REQUEST];
+                                payload.extend_from_slice(&self.node_dest.0);
+                                self.send_or_hold(now, dest, payload);
+                            }
+                            self.waiters.push(Waiter::Sealed { dest, data, deadline, reply });
+                        }
+                    }
+                }
                 Waiter::Send { dest, data, deadline, reply } => {
                     if deadline <= now {
                         let _ = reply.send(json!({"ok": false, "error": "no session with the destination", "dest": dest.to_hex()}));
                         continue;
                     }
-                    let addr = LinkAddr::Named(dest.to_hex().into());
-                    match (self.e2e.session_peer(&addr), self.router.destination_peer(&dest)) {
-                        (Some(peer), _) if !owns_node_destination(&peer, &dest) => {
-                            // Cannot happen after the check at Connected; kept as a guard.
-                            let _ = reply.send(json!({"ok": false, "error": "the session at that destination belongs to another identity"}));
-                        }
-                        (Some(peer), _) => {
-                            self.e2e_used.insert(dest, now);
-                            let r = match self.e2e.send(&peer, data) {
-                                Ok(()) => json!({"ok": true, "dest": dest.to_hex(), "peer": peer.to_hex()}),
+                    match (self.links.link_peer(&dest), self.router.destination_peer(&dest)) {
+                        (Some(_), _) => {
+                            let r = match self.links.send(now, &dest, data) {
+                                Ok(peer) => json!({"ok": true, "dest": dest.to_hex(), "peer": peer.to_hex()}),
                                 Err(e) => json!({"ok": false, "error": e.to_string()}),
                             };
                             let _ = reply.send(r);
@@ -538,7 +578,7 @@ impl Hub {
                         (None, Some(peer)) if self.router.resolve(&dest).is_some() => {
                             // Dial (idempotent while a handshake runs), expecting the identity
                             // the destination's announce names.
-                            if let Err(e) = self.e2e.connect(now, addr, Some(peer)) {
+                            if let Err(e) = self.links.open_link(now, dest, peer) {
                                 let _ = reply.send(json!({"ok": false, "error": e.to_string()}));
                                 continue;
                             }
@@ -561,14 +601,8 @@ impl Hub {
         loop {
             let now = Instant::now();
             let mut progress = false;
-            while let Some(t) = self.e2e.poll_transmit(now) {
+            while let Some((dest, payload)) = self.links.poll_payload(now) {
                 progress = true;
-                let LinkAddr::Named(name) = &t.to else { continue };
-                let Ok(dest) = name.as_str().parse::<DestinationHash>() else { continue };
-                let mut payload = Vec::with_capacity(17 + t.frame.len());
-                payload.push(LINK_FRAME);
-                payload.extend_from_slice(&self.node_dest.0);
-                payload.extend_from_slice(&t.frame);
                 self.send_or_hold(now, dest, payload);
             }
             while let Some((to, bytes)) = self.router.poll_transmit(now) {
@@ -601,9 +635,9 @@ impl Hub {
                 progress = true;
                 self.on_mesh_event(now, ev);
             }
-            while let Some(ev) = self.e2e.poll_event() {
+            while let Some(u) = self.links.poll_update(now) {
                 progress = true;
-                self.on_e2e_event(ev);
+                self.on_link_update(u);
             }
             if progress {
                 self.check_waiters(now);
@@ -656,10 +690,40 @@ impl Hub {
                     }
                 }
             }
-            Some((&LINK_FRAME, rest)) if rest.len() > 16 => {
-                let (from, frame) = rest.split_at(16);
-                let addr = LinkAddr::Named(hex::encode(from).into());
-                if let Err(e) = self.e2e.handle_frame(now, &addr, frame) {
+            Some((&KEY_REQUEST, rest)) if rest.len() == 16 => {
+                let mut back = [0u8; 16];
+                back.copy_from_slice(rest);
+                let mut answer = vec![KEY_RECORD];
+                answer.extend_from_slice(&self.node_dest.0);
+                answer.extend_from_slice(&self.kem_record);
+                self.send_or_hold(now, DestinationHash(back), answer);
+            }
+            Some((&KEY_RECORD, rest)) if rest.len() > 16 => {
+                let (d, record) = rest.split_at(16);
+                let mut dest = [0u8; 16];
+                dest.copy_from_slice(d);
+                let dest = DestinationHash(dest);
+                match RemoteKem::from_record(&dest, record) {
+                    Ok(k) => {
+                        if self.remote_kems.len() >= MAX_REMOTE_KEMS {
+                            self.remote_kems.clear();
+                        }
+                        tracing::debug!(%dest, "sealing key verified");
+                        self.remote_kems.insert(dest, k);
+                        self.check_waiters(now);
+                    }
+                    Err(e) => tracing::warn!(%dest, "sealing key refused: {e}"),
+                }
+            }
+            Some((&SEALED, sealed)) => match self.kem.open(&self.node_dest, sealed) {
+                Ok(data) => {
+                    let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
+                    tracing::info!(bytes = data.len(), text = %text, "sealed packet received");
+                }
+                Err(e) => tracing::debug!("sealed packet dropped: {e}"),
+            },
+            Some((&LINK_FRAME, _)) => {
+                if let Err(e) = self.links.handle_payload(now, payload) {
                     tracing::debug!("end-to-end frame dropped: {e}");
                 }
             }
@@ -667,47 +731,21 @@ impl Hub {
         }
     }
 
-    fn on_e2e_event(&mut self, ev: LinkEvent) {
-        match ev {
-            LinkEvent::Connected { addr, peer, mode, initiator } => {
-                // The link address is the destination the frames claimed to come from (or the
-                // one dialled); the handshake proved `peer`. They must belong together, or a
-                // relay could sit at someone else's destination.
-                let dest = match &addr {
-                    LinkAddr::Named(n) => n.as_str().parse::<DestinationHash>().ok(),
-                    _ => None,
-                };
-                match dest {
-                    Some(d) if owns_node_destination(&peer, &d) => {
-                        self.e2e_sessions += 1;
-                        self.e2e_used.insert(d, Instant::now());
-                        tracing::info!(dest = %addr, %peer, ?mode, initiator, "end-to-end link up");
-                    }
-                    _ => {
-                        tracing::warn!(dest = %addr, %peer, "end-to-end link refused: the peer does not own that destination");
-                        self.e2e.close(Instant::now(), &addr);
-                    }
-                }
+    fn on_link_update(&mut self, u: LinkUpdate) {
+        match u {
+            LinkUpdate::Up { dest, peer, mode, initiator } => {
+                self.e2e_sessions += 1;
+                tracing::info!(%dest, %peer, ?mode, initiator, "end-to-end link up");
             }
-            LinkEvent::Message { addr, peer, data } => {
-                if let LinkAddr::Named(n) = &addr {
-                    if let Ok(d) = n.as_str().parse::<DestinationHash>() {
-                        self.e2e_used.insert(d, Instant::now());
-                    }
-                }
+            LinkUpdate::Refused { dest, peer } => {
+                tracing::warn!(%dest, %peer, "end-to-end link refused: the peer does not own that destination");
+            }
+            LinkUpdate::Message { dest, peer, data } => {
                 let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
-                tracing::info!(dest = %addr, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
+                tracing::info!(%dest, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
             }
-            LinkEvent::Disconnected { addr, peer, reason } => {
-                if let LinkAddr::Named(n) = &addr {
-                    if let Ok(d) = n.as_str().parse::<DestinationHash>() {
-                        self.e2e_used.remove(&d);
-                    }
-                }
-                tracing::info!(dest = %addr, %peer, ?reason, "end-to-end link down");
-            }
-            LinkEvent::HandshakeFailed { addr, error } => tracing::warn!(dest = %addr, "end-to-end handshake failed: {error}"),
-            LinkEvent::Rekeyed { .. } => {}
+            LinkUpdate::Down { dest, peer } => tracing::info!(%dest, %peer, "end-to-end link down"),
+            LinkUpdate::Failed { dest, error } => tracing::warn!(%dest, "end-to-end handshake failed: {error}"),
         }
     }
 }

@@ -25,6 +25,8 @@ pub const DEST_LEN: usize = 16;
 pub const SERVICE_HASH_LEN: usize = 8;
 /// Longest service name.
 pub const MAX_SERVICE_NAME: usize = 64;
+/// The service name of every node's own destination.
+pub const NODE_SERVICE: &str = "antmesh.node";
 
 /// A validated service name: 1–64 bytes of `a-z 0-9 . _ - /`, e.g. `chat`, `files/v2`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

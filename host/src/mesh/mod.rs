@@ -7,7 +7,9 @@
 
 pub mod announce;
 pub mod dest;
+pub mod links;
 pub mod packet;
 pub mod router;
+pub mod sealed;
 pub mod sim;
 pub mod store;
