@@ -44,6 +44,8 @@ use crate::mesh::links::{LinkUpdate, MeshLinks, LINK_FRAME};
 const KEY_REQUEST: u8 = 0x04;
 const KEY_RECORD: u8 = 0x05;
 const SEALED: u8 = 0x06;
+/// A reply-to destination gets the key record at most this often.
+const KEY_ANSWER_EVERY: Duration = Duration::from_secs(30);
 /// Most remote sealing keys kept.
 const MAX_REMOTE_KEMS: usize = 256;
 
@@ -167,6 +169,8 @@ struct Hub {
     remote_kems: HashMap<DestinationHash, RemoteKem>,
     /// When a key request last went out, per destination.
     key_asked: HashMap<DestinationHash, Instant>,
+    /// When a key record was last sent, per reply-to destination.
+    key_answered: HashMap<DestinationHash, Instant>,
     rng: crate::link::crypto::Rng,
 }
 
@@ -263,6 +267,7 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         kem_record,
         remote_kems: HashMap::new(),
         key_asked: HashMap::new(),
+        key_answered: HashMap::new(),
         rng: crate::link::crypto::Rng::from_seed(rng_seed),
     };
     let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
@@ -693,6 +698,18 @@ impl Hub {
             Some((&KEY_REQUEST, rest)) if rest.len() == 16 => {
                 let mut back = [0u8; 16];
                 back.copy_from_slice(rest);
+                // A 17-byte request draws a 6.4 KB answer towards an unauthenticated
+                // reply-to: answer each destination at most once per KEY_ANSWER_EVERY, and
+                // at most one answer per second in all.
+                let back_dest = DestinationHash(back);
+                let recent = self.key_answered.get(&back_dest).is_some_and(|t| *t + KEY_ANSWER_EVERY > now);
+                let busy = self.key_answered.values().any(|t| *t + Duration::from_secs(1) > now);
+                if recent || busy {
+                    tracing::debug!(dest = %back_dest, "key request not answered (rate limit)");
+                    return;
+                }
+                self.key_answered.retain(|_, t| *t + KEY_ANSWER_EVERY > now);
+                self.key_answered.insert(back_dest, now);
                 let mut answer = vec![KEY_RECORD];
                 answer.extend_from_slice(&self.node_dest.0);
                 answer.extend_from_slice(&self.kem_record);
