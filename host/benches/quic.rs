@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `ANTMESH_BENCH_BULK_MB` | 1024 | MiB sent on one stream for the throughput figure |
 //! | `ANTMESH_BENCH_CONNS` | 200 | fresh connections for the handshake and memory figures |
+//! | `ANTMESH_BENCH_STREAM_WINDOW` | 8388608 (P2pEndpoint's default) | stream receive window of every stack, in bytes |
 //! | `ANTMESH_PLUGIN_DIR` | beside the bench binary (`target/release`) | where `libantmesh_udp.so` is |
 //!
 //! Stacks:
@@ -285,13 +286,37 @@ fn plain_crypto() -> PlainCrypto {
     PlainCrypto {
         negotiated: negotiated(client.clone(), server.clone()),
         tls: (client.clone(), server.clone()),
-        server: quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap())),
-        client: quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap())),
+        server: with_transport(quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()))),
+        client: with_client_transport(quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()))),
     }
 }
 
 fn identity(seed: u8) -> Identity {
     Identity::from_seed(Zeroizing::new([seed; 32]))
+}
+
+/// The transport settings every stack uses, plain quinn included: quinn's defaults with
+/// `P2pEndpoint`'s stream window (`DEFAULT_STREAM_WINDOW`, 8 MiB), or the window given in
+/// `ANTMESH_BENCH_STREAM_WINDOW` (bytes; 1250000 is quinn's own default).
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    let w = std::env::var("ANTMESH_BENCH_STREAM_WINDOW")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(antmesh_host::quic::endpoint::DEFAULT_STREAM_WINDOW);
+    t.stream_receive_window(w.into());
+    t.send_window(u64::from(w) * 2);
+    Arc::new(t)
+}
+
+fn with_transport(mut s: quinn::ServerConfig) -> quinn::ServerConfig {
+    s.transport_config(transport());
+    s
+}
+
+fn with_client_transport(mut c: quinn::ClientConfig) -> quinn::ClientConfig {
+    c.transport_config(transport());
+    c
 }
 
 struct PqCrypto {
@@ -303,8 +328,8 @@ struct PqCrypto {
 #[cfg(not(feature = "aws-lc"))]
 fn pq_crypto(server_id: &Identity, client_id: &Identity) -> PqCrypto {
     PqCrypto {
-        server: quinn::ServerConfig::new(server_crypto(server_id).unwrap(), token_key().unwrap()),
-        client: quinn::ClientConfig::new(client_crypto(client_id, Some(server_id.peer_id())).unwrap()),
+        server: with_transport(quinn::ServerConfig::new(server_crypto(server_id).unwrap(), token_key().unwrap())),
+        client: with_client_transport(quinn::ClientConfig::new(client_crypto(client_id, Some(server_id.peer_id())).unwrap())),
     }
 }
 
@@ -318,10 +343,10 @@ fn pq_crypto(server_id: &Identity, client_id: &Identity) -> PqCrypto {
 #[cfg(feature = "aws-lc")]
 fn pq_crypto_with(server_id: &Identity, client_id: &Identity, primitives: Primitives) -> PqCrypto {
     PqCrypto {
-        server: quinn::ServerConfig::new(server_crypto_with(server_id, primitives).unwrap(), token_key().unwrap()),
-        client: quinn::ClientConfig::new(
+        server: with_transport(quinn::ServerConfig::new(server_crypto_with(server_id, primitives).unwrap(), token_key().unwrap())),
+        client: with_client_transport(quinn::ClientConfig::new(
             client_crypto_with(client_id, Some(server_id.peer_id()), primitives).unwrap(),
-        ),
+        )),
     }
 }
 

@@ -64,7 +64,17 @@ pub struct P2pConfig {
     pub max_message_size: usize,
     /// Messages buffered for `recv` before the sender is slowed down.
     pub recv_queue: usize,
+    /// Bytes one stream may have in flight (QUIC stream receive window); the connection
+    /// may send twice that across streams.
+    pub stream_window: u32,
 }
+
+/// The default stream window: 8 MiB. quinn's 1.25 MB default caps a single stream at
+/// window / RTT, and over the UDP plugin (two I/O threads on the path) the round trip is
+/// long enough for that to bind: the plugin path reached 0.78 of a direct socket with the
+/// default and 0.96 with 8 MiB (docs/performance.md). The window is a limit, not an
+/// allocation: memory is used only for data the application has not read yet.
+pub const DEFAULT_STREAM_WINDOW: u32 = 8 << 20;
 
 impl P2pConfig {
     /// Defaults for `identity` bound to `bind`.
@@ -77,6 +87,7 @@ impl P2pConfig {
             keep_alive: Some(Duration::from_secs(10)),
             max_message_size: 16 * 1024 * 1024,
             recv_queue: 1024,
+            stream_window: DEFAULT_STREAM_WINDOW,
         }
     }
 }
@@ -576,6 +587,8 @@ impl P2pEndpoint {
 
 fn transport_config(config: &P2pConfig) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(config.stream_window.into());
+    t.send_window(u64::from(config.stream_window) * 2);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
     t.keep_alive_interval(config.keep_alive);
     t
