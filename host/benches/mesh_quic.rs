@@ -59,7 +59,7 @@ async fn node(n: u8) -> Node {
     let hub_cfg = HubConfig { store: None, announce_interval: Duration::from_secs(3600), save_interval: Duration::from_secs(3600) };
     tokio::spawn(hub::run(Arc::clone(&id), hub_cfg, rx, Arc::new(Notify::new())));
     tokio::spawn(antmesh_host::daemon::watch_quic(format!("n{n}"), Arc::clone(&ep), tx.clone()));
-    let dest = DestinationHash::new(&id.peer_id(), &ServiceName::new(hub::NODE_SERVICE).unwrap());
+    let dest = DestinationHash::node(&id.peer_id());
     Node { ep, hub: tx, dest }
 }
 

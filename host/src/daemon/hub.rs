@@ -457,7 +457,7 @@ impl Hub {
             }
             "probe" => match dest() {
                 Ok(d) => {
-                    let id = rand8();
+                    let id: [u8; 8] = self.rng.bytes();
                     if self.router.resolve(&d).is_none() {
                         self.ask_path(now, d);
                     }
@@ -522,7 +522,7 @@ impl Hub {
                     if due && self.router.resolve(&dest).is_some() {
                         // A fresh id per send: a late answer to an earlier one must not be
                         // timed against this one.
-                        let id = rand8();
+                        let id: [u8; 8] = self.rng.bytes();
                         let mut payload = vec![PROBE];
                         payload.extend_from_slice(&id);
                         payload.extend_from_slice(&self.node_dest.0);
@@ -767,9 +767,3 @@ impl Hub {
     }
 }
 
-fn rand8() -> [u8; 8] {
-    let mut b = [0u8; 8];
-    // A probe id only has to be unlikely to repeat; on failure the zero id still works.
-    let _ = getrandom::getrandom(&mut b);
-    b
-}

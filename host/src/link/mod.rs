@@ -718,6 +718,30 @@ impl LinkEngine {
         }
     }
 
+    /// Stores a fragment of handshake message `msg`; returns the message once complete.
+    /// The fragment with the last index, arriving before the rest, draws an HsAck of what
+    /// is missing.
+    #[allow(clippy::too_many_arguments)]
+    fn take_fragment(
+        rx: &mut Reassembly,
+        control: &mut VecDeque<Vec<u8>>,
+        now: Instant,
+        tag: u16,
+        msg: u8,
+        index: u8,
+        last: u8,
+        bytes: &[u8],
+    ) -> Result<Option<Vec<u8>>, FrameError> {
+        rx.insert(now, index, last, bytes)?;
+        let whole = rx.assemble();
+        if whole.is_none() && index == last {
+            if let Some((l, have)) = rx.have() {
+                control.push_back(Self::hs_ack_frame(tag, msg, l, &have));
+            }
+        }
+        Ok(whole)
+    }
+
     fn hs_ack_frame(tag: u16, msg: u8, last: u8, have: &[u8]) -> Vec<u8> {
         Frame::HsAck { tag, msg, last, have }.encode()
     }
@@ -749,15 +773,7 @@ impl LinkEngine {
             p.hello_rx = Some(HelloRx { tag, rx: Reassembly::new(handshake::MAX_HELLO), nack_at: None, nacks: 0 });
         }
         let Some(HelloRx { rx, .. }) = p.hello_rx.as_mut() else { return Ok(()) };
-        rx.insert(now, index, last, bytes)?;
-        let Some(hello) = rx.assemble() else {
-            if index == last {
-                if let Some((l, have)) = rx.have() {
-                    p.control.push_back(Self::hs_ack_frame(tag, 1, l, &have));
-                }
-            }
-            return Ok(());
-        };
+        let Some(hello) = Self::take_fragment(rx, &mut p.control, now, tag, 1, index, last, bytes)? else { return Ok(()) };
         p.hello_rx = None;
         // Simultaneous open: the initiation with the larger nonce wins.
         let theirs = hello.get(1..1 + NONCE_LEN).unwrap_or_default();
@@ -869,15 +885,7 @@ impl LinkEngine {
             return Err(FrameError::Ignored(Kind::Reply));
         }
         h.out.ack_all();
-        h.rx.insert(now, index, last, bytes)?;
-        let Some(reply) = h.rx.assemble() else {
-            if index == last {
-                if let Some((l, have)) = h.rx.have() {
-                    p.control.push_back(Self::hs_ack_frame(tag, 2, l, &have));
-                }
-            }
-            return Ok(());
-        };
+        let Some(reply) = Self::take_fragment(&mut h.rx, &mut p.control, now, tag, 2, index, last, bytes)? else { return Ok(()) };
         let Some(Hs::Init(mut h)) = p.hs.take() else { return Ok(()) };
         let InitStage::AwaitReply(st) = std::mem::replace(&mut h.stage, InitStage::AwaitConfirm) else { return Ok(()) };
         let expect = h.expect;
@@ -967,15 +975,7 @@ impl LinkEngine {
             return Err(FrameError::UnknownAttempt(tag));
         }
         h.out.ack_all();
-        h.rx.insert(now, index, last, bytes)?;
-        let Some(finish) = h.rx.assemble() else {
-            if index == last {
-                if let Some((l, have)) = h.rx.have() {
-                    p.control.push_back(Self::hs_ack_frame(tag, 3, l, &have));
-                }
-            }
-            return Ok(());
-        };
+        let Some(finish) = Self::take_fragment(&mut h.rx, &mut p.control, now, tag, 3, index, last, bytes)? else { return Ok(()) };
         let Some(Hs::Resp(h)) = p.hs.take() else { return Ok(()) };
         let handshake::ResponderDone { peer, secrets, continues } = match handshake::accept(&h.wait, &finish) {
             Ok(x) => x,

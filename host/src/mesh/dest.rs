@@ -57,13 +57,7 @@ impl ServiceName {
 
     /// Its hash.
     pub fn hash(&self) -> ServiceHash {
-        let mut h = Sha256::new();
-        h.update(b"antmesh/v1/service");
-        h.update(self.0.as_bytes());
-        let d = h.finalize();
-        let mut out = [0u8; SERVICE_HASH_LEN];
-        out.copy_from_slice(&d[..SERVICE_HASH_LEN]);
-        ServiceHash(out)
+        service_hash(&self.0)
     }
 }
 
@@ -77,6 +71,16 @@ impl fmt::Debug for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ServiceName({})", self.0)
     }
+}
+
+fn service_hash(name: &str) -> ServiceHash {
+    let mut h = Sha256::new();
+    h.update(b"antmesh/v1/service");
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; SERVICE_HASH_LEN];
+    out.copy_from_slice(&d[..SERVICE_HASH_LEN]);
+    ServiceHash(out)
 }
 
 /// The hash of a service name, carried in announces so that nodes can filter by service
@@ -98,6 +102,11 @@ impl DestinationHash {
     /// The destination of `service` at `peer`.
     pub fn new(peer: &PeerId, service: &ServiceName) -> DestinationHash {
         Self::from_parts(peer, &service.hash())
+    }
+
+    /// The node destination of `peer` (service [`NODE_SERVICE`]).
+    pub fn node(peer: &PeerId) -> DestinationHash {
+        Self::from_parts(peer, &service_hash(NODE_SERVICE))
     }
 
     /// The destination of the service with hash `service` at `peer` (what announce
@@ -162,6 +171,7 @@ mod tests {
         assert_eq!(DestinationHash::new(&PeerId([0; 32]), &chat).to_hex(), DEST_VECTOR);
         let d = DestinationHash::new(&p, &chat);
         assert_eq!(d.to_hex().parse::<DestinationHash>().unwrap(), d);
+        assert_eq!(DestinationHash::node(&p), DestinationHash::new(&p, &ServiceName::new(NODE_SERVICE).unwrap()));
     }
 
     const DEST_VECTOR: &str = "86652cea37397da01cacd89b96de569f";

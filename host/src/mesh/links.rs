@@ -9,8 +9,9 @@
 //!
 //! The engine's handshake proves a PeerId; a session is kept only if that PeerId owns the
 //! destination used as its address (its node destination is the hash of the PeerId and
-//! [`NODE_SERVICE`]). So a relay can neither read the link nor stand in for the far end,
-//! even when the path to it came from an unverified compact announce.
+//! [`NODE_SERVICE`](super::dest::NODE_SERVICE)). So a relay can neither read the link nor
+//! stand in for the far end, even when the path to it came from an unverified compact
+//! announce.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,14 +22,14 @@ use antmesh_plugin_api::LinkAddr;
 use crate::identity::{Identity, PeerId};
 use crate::link::{ConnectError, FrameError, LinkConfig, LinkEngine, LinkEvent, Mode, SendError};
 
-use super::dest::{DestinationHash, ServiceName, NODE_SERVICE};
+use super::dest::DestinationHash;
 
 /// The DATA payload type of a link frame.
 pub const LINK_FRAME: u8 = 0x03;
 
 /// Whether `dest` is the node destination of `peer`.
 pub fn owns_node_destination(peer: &PeerId, dest: &DestinationHash) -> bool {
-    ServiceName::new(NODE_SERVICE).is_ok_and(|s| DestinationHash::new(peer, &s) == *dest)
+    DestinationHash::node(peer) == *dest
 }
 
 /// What happened on an end-to-end link.
@@ -233,7 +234,7 @@ mod tests {
 
     fn node(n: u8) -> (Arc<Identity>, DestinationHash) {
         let id = Arc::new(Identity::from_seed(Zeroizing::new([n; 32])));
-        let d = DestinationHash::new(&id.peer_id(), &ServiceName::new(NODE_SERVICE).unwrap());
+        let d = DestinationHash::node(&id.peer_id());
         (id, d)
     }
 

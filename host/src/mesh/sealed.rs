@@ -117,8 +117,7 @@ impl RemoteKem {
         let (pk, rest) = record.split_at(PUBLIC_KEY_LEN);
         let (ek, sig) = rest.split_at(EK_LEN);
         let owner = PublicIdentity::from_bytes(pk).map_err(|_| SealedError::Malformed)?;
-        let node = super::dest::ServiceName::new(super::dest::NODE_SERVICE).map_err(|_| SealedError::Malformed)?;
-        if DestinationHash::new(&owner.peer_id(), &node) != *dest {
+        if DestinationHash::node(&owner.peer_id()) != *dest {
             return Err(SealedError::WrongOwner(*dest));
         }
         owner.verify(&hash(&[&dest.0, ek]), sig, CONTEXT).map_err(|_| SealedError::BadSignature)?;
@@ -146,10 +145,8 @@ impl RemoteKem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::dest::ServiceName;
-
     fn node_dest(id: &Identity) -> DestinationHash {
-        DestinationHash::new(&id.peer_id(), &ServiceName::new(crate::mesh::dest::NODE_SERVICE).unwrap())
+        DestinationHash::node(&id.peer_id())
     }
 
     #[test]

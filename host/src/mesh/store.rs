@@ -153,48 +153,43 @@ impl MeshStore {
     pub fn load(&self, now_ms: u64) -> Result<Snapshot, StoreError> {
         let tx = self.db.begin_read()?;
         let mut snap = Snapshot::default();
-        match tx.open_table(PATHS) {
-            Ok(t) => {
-                for row in t.iter()? {
-                    let (k, v) = row?;
-                    if let Some(p) = decode_path(k.value(), v.value()) {
-                        if p.expires_ms > now_ms {
-                            snap.paths.push(p);
-                        }
-                    }
+        each_row(&tx, PATHS, |k, v| {
+            if let Some(p) = decode_path(k, v).filter(|p| p.expires_ms > now_ms) {
+                snap.paths.push(p);
+            }
+        })?;
+        each_row(&tx, ANNOUNCES, |k, v| {
+            if let Some(a) = decode_announce(k, v) {
+                snap.announces.push(a);
+            }
+        })?;
+        each_row(&tx, KEYS, |k, v| {
+            if let Ok(key) = PublicIdentity::from_bytes(v) {
+                if key.peer_id().0[..] == *k {
+                    snap.keys.push(key);
                 }
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        match tx.open_table(ANNOUNCES) {
-            Ok(t) => {
-                for row in t.iter()? {
-                    let (k, v) = row?;
-                    if let Some(a) = decode_announce(k.value(), v.value()) {
-                        snap.announces.push(a);
-                    }
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        match tx.open_table(KEYS) {
-            Ok(t) => {
-                for row in t.iter()? {
-                    let (k, v) = row?;
-                    if let Ok(key) = PublicIdentity::from_bytes(v.value()) {
-                        if key.peer_id().0[..] == *k.value() {
-                            snap.keys.push(key);
-                        }
-                    }
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        })?;
         Ok(snap)
     }
+}
+
+/// Calls `f` with each row of `table`; a table never written (a fresh store) has none.
+fn each_row(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<&[u8], &[u8]>,
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<(), StoreError> {
+    let t = match tx.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for row in t.iter()? {
+        let (k, v) = row?;
+        f(k.value(), v.value());
+    }
+    Ok(())
 }
 
 fn dest_of(k: &[u8]) -> Option<DestinationHash> {
