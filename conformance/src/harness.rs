@@ -116,7 +116,7 @@ impl Endpoint {
                     let mut log = sink.lock();
                     match ev {
                         TransportEvent::Frames(batch) => {
-                            log.events.extend(batch.into_iter().map(|(f, d)| Ev::Frame(f, d)))
+                            log.events.extend(batch.iter().map(|(f, d)| Ev::Frame(f.clone(), d.to_vec())))
                         }
                         TransportEvent::LinkUp(p) => log.events.push_back(Ev::Up(p)),
                         TransportEvent::LinkDown { peer, reason } => log.events.push_back(Ev::Down(peer, reason)),

@@ -12,7 +12,7 @@ use antmesh_plugin_api::{
 };
 
 use super::loader::LoadedPlugin;
-use crate::transport::{CloseError, EventReceiver, Transport, TransportEvent};
+use crate::transport::{CloseError, EventReceiver, FrameBatch, Transport, TransportEvent};
 
 /// Events buffered per instance before `deliver` makes the plugin wait.
 pub const EVENT_QUEUE: usize = 1024;
@@ -49,7 +49,11 @@ impl ChannelHost {
 
 impl HostHandle for ChannelHost {
     fn deliver(&self, frames: RSlice<'_, InFrame<'_>>) {
-        let batch = frames.iter().map(|f| (f.from.clone(), f.data.as_slice().to_vec())).collect();
+        let bytes = frames.iter().map(|f| f.data.len()).sum();
+        let mut batch = FrameBatch::with_capacity(frames.len(), bytes);
+        for f in frames.iter() {
+            batch.push(f.from.clone(), f.data.as_slice());
+        }
         self.emit(TransportEvent::Frames(batch));
     }
 

@@ -50,7 +50,7 @@ use antmesh_plugin_api::{LinkAddr, OutFrame, SendError, TransportAddr};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use crate::transport::{EventReceiver, SharedTransport, TransportEvent};
+use crate::transport::{EventReceiver, FrameBatch, SharedTransport, TransportEvent};
 
 /// Datagrams queued for quinn before further ones are dropped (as a full socket buffer
 /// would drop them; QUIC recovers).
@@ -88,7 +88,7 @@ pub enum SocketError {
 
 /// A batch of frames as the transport delivered it; quinn has had those before `next`.
 struct Queued {
-    frames: Vec<(LinkAddr, Vec<u8>)>,
+    frames: FrameBatch,
     next: usize,
 }
 
@@ -133,7 +133,7 @@ impl Inbound {
     }
 
     /// Queues a delivered batch, dropping what does not fit (as a full socket buffer would).
-    fn push(&mut self, mut frames: Vec<(LinkAddr, Vec<u8>)>) {
+    fn push(&mut self, mut frames: FrameBatch) {
         let room = INBOUND_QUEUE.saturating_sub(self.queued);
         if frames.len() > room {
             self.dropped += (frames.len() - room) as u64;
@@ -667,8 +667,8 @@ mod tests {
         frames.push((a.clone(), vec![3u8; 1200])); // after a short one: a new slot
         frames.push((b, vec![4u8; 1200]));
         frames.push((a.clone(), vec![5u8; 2000]));
-        tx.try_send(TransportEvent::Frames(frames)).unwrap();
-        tx.try_send(TransportEvent::Frames(vec![(a, vec![6u8; 100])])).unwrap();
+        tx.try_send(TransportEvent::Frames(frames.into_iter().collect())).unwrap();
+        tx.try_send(TransportEvent::Frames([(a, vec![6u8; 100])].into_iter().collect())).unwrap();
         let Poll::Ready(Ok(meta)) = poll_recv(&s, 8) else { panic!("nothing received") };
         let shape: Vec<(u16, usize, usize)> = meta.iter().map(|m| (m.addr.port(), m.len, m.stride)).collect();
         assert_eq!(shape, vec![(5000, 4100, 1200), (5000, 1200, 1200), (6000, 1200, 1200), (5000, 2000, 2000), (5000, 100, 100)]);
@@ -680,7 +680,7 @@ mod tests {
         let (s, _mock, tx) = socket();
         let a = LinkAddr::from(peer());
         let frames = vec![(a.clone(), vec![1u8; 100]), (a.clone(), vec![2u8; 2000]), (a, vec![3u8; 50])];
-        tx.try_send(TransportEvent::Frames(frames)).unwrap();
+        tx.try_send(TransportEvent::Frames(frames.into_iter().collect())).unwrap();
         let mut storage = vec![vec![0u8; 1500]; 4];
         let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         let mut meta = vec![RecvMeta::default(); 4];

@@ -16,8 +16,8 @@
 //! | ALPN, SNI, resumption, tickets, 0-RTT | none |
 //!
 //! No classical algorithm is compiled into a normal build: neither *ring* nor aws-lc-rs is
-//! a dependency, and every primitive here comes from RustCrypto crates, `ml-kem` and
-//! `fips204`. For QUIC, [`quic_initial_suite`] and the suite's `quic::Algorithm`
+//! a dependency, and every primitive here comes from RustCrypto crates, `ml-kem`, `fips204`
+//! and, for AES-128-GCM on CPUs it supports, `graviola` ([`aes_gcm_implementation`]). For QUIC, [`quic_initial_suite`] and the suite's `quic::Algorithm`
 //! ([`QUIC_AES_128_GCM`]) give the packet and header-protection keys.
 //!
 //! With the `aws-lc` feature the same provider runs over aws-lc-rs instead (ML-KEM-768,
@@ -65,6 +65,14 @@ use verify::{ClientKeyVerifier, ServerKeyVerifier};
 /// The name of the library behind [`provider`] and the configs: `"RustCrypto"`, or
 /// `"aws-lc-rs"` with the `aws-lc` feature.
 pub const PRIMITIVES: &str = <backend::DefaultBackend as backend::Backend>::NAME;
+
+/// Which AES-128-GCM the pure-Rust primitives run on this CPU: `"graviola"` (x86-64 with
+/// AES-NI, PCLMULQDQ, AVX2, BMI1 and ADX, or AArch64 with the crypto extensions; about 4× the
+/// other in bulk) or `"aes-gcm"` (RustCrypto, everywhere else). Same function either way.
+/// With the `aws-lc` feature this is still what [`Primitives::RustCrypto`] uses.
+pub fn aes_gcm_implementation() -> &'static str {
+    rustcrypto::GcmKey::new(&[0u8; backend::AES_128_KEY_LEN]).map_or("aes-gcm", |key| key.implementation())
+}
 
 /// The post-quantum-only provider: key exchange ML-KEM-768, the one suite
 /// TLS13_AES_128_GCM_SHA256, signature verification ML-DSA-65 only, randomness from the OS,

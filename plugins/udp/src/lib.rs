@@ -209,9 +209,15 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
         .map_err(io_err("mio register"))?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("mio waker"))?);
     let wake = Arc::clone(&waker);
+    let parked = Arc::new(AtomicBool::new(false));
+    let parking = Arc::clone(&parked);
     let queue = Arc::new(SendQueue::new(cfg.queue_frames, host.clone(), move || {
-        // A failed wake only delays the drain until the next event; nothing to recover.
-        let _ = wake.wake();
+        // Only a thread that is (about to be) asleep needs the eventfd: a busy one finds
+        // the queue on its next turn. A failed wake only delays the drain until the next
+        // event; nothing to recover.
+        if parking.swap(false, Ordering::SeqCst) {
+            let _ = wake.wake();
+        }
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let caps = capabilities(&cfg);
@@ -220,6 +226,7 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
         poll,
         socket,
         queue: Arc::clone(&queue),
+        parked,
         host: host.clone(),
         stop: Arc::clone(&stop),
         mtu,
@@ -245,6 +252,8 @@ struct IoLoop {
     poll: Poll,
     socket: UdpSocket,
     queue: Arc<SendQueue>,
+    /// Set while the thread waits with nothing to send: a push then writes the waker.
+    parked: Arc<AtomicBool>,
     host: Host,
     stop: Arc<AtomicBool>,
     mtu: usize,
@@ -361,9 +370,20 @@ impl IoLoop {
         while !self.stop.load(Ordering::Acquire) {
             // Edge-triggered: if the last turn left datagrams in the socket or the queue,
             // come straight back for them instead of waiting for an edge that will not come.
-            let busy = more_to_read || (more_to_send && !kernel_full);
+            let mut busy = more_to_read || (more_to_send && !kernel_full);
+            if !busy {
+                // Announce the sleep, then look once more: a push either came before the
+                // look (and is seen) or sees the flag and wakes us (SeqCst on both sides).
+                self.parked.store(true, Ordering::SeqCst);
+                if !kernel_full && !self.queue.is_empty() {
+                    self.parked.store(false, Ordering::SeqCst);
+                    busy = true;
+                }
+            }
             let timeout = if busy { Duration::ZERO } else { Duration::from_secs(1) };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.parked.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.host.warn(&format!("udp poll failed: {e}"));
                     std::thread::sleep(Duration::from_millis(50));

@@ -165,6 +165,11 @@ impl SendQueue {
         }
     }
 
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().runs.is_empty()
+    }
+
     /// Datagrams queued.
     #[cfg(test)]
     pub fn len(&self) -> usize {
