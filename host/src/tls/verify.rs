@@ -71,6 +71,14 @@ pub fn spki_for(public: &PublicIdentity) -> Vec<u8> {
 
 /// Parses an ML-DSA-65 SubjectPublicKeyInfo (exact DER, no trailing bytes) into the key.
 pub fn public_identity_from_spki(spki_der: &[u8]) -> Result<PublicIdentity, SpkiError> {
+    PublicIdentity::from_bytes(spki_key(spki_der)?).map_err(|_| SpkiError::PublicKey)
+}
+
+/// The 1952 key bytes of an ML-DSA-65 SubjectPublicKeyInfo, checked for the exact DER
+/// framing and OID. Not decoded: every 1952-byte string is an encoding FIPS 204's pkDecode
+/// accepts, and decoding (an NTT of t1, ~21 µs with `fips204`) is work the signature check
+/// does anyway; a handshake used to pay it four times over.
+fn spki_key(spki_der: &[u8]) -> Result<&[u8; PUBLIC_KEY_LEN], SpkiError> {
     if spki_der.len() != SPKI_LEN {
         return Err(SpkiError::Length { len: spki_der.len() });
     }
@@ -84,13 +92,13 @@ pub fn public_identity_from_spki(spki_der: &[u8]) -> Result<PublicIdentity, Spki
         return Err(SpkiError::Algorithm);
     }
     debug_assert_eq!((KEY_OFFSET, key.len()), (SPKI_LEN - PUBLIC_KEY_LEN, PUBLIC_KEY_LEN));
-    PublicIdentity::from_bytes(key).map_err(|_| SpkiError::PublicKey)
+    key.try_into().map_err(|_| SpkiError::Length { len: spki_der.len() })
 }
 
 /// The [`PeerId`] of the node whose SubjectPublicKeyInfo this is (1974 bytes, OID
 /// 2.16.840.1.101.3.4.3.18).
 pub fn peer_id_from_spki(spki_der: &[u8]) -> Result<PeerId, SpkiError> {
-    public_identity_from_spki(spki_der).map(|p| p.peer_id())
+    spki_key(spki_der).map(PeerId::from_public_key)
 }
 
 /// Why the peer's key was refused during the handshake. Carried inside the rustls error
@@ -210,15 +218,16 @@ pub(crate) fn supported_schemes() -> Vec<SignatureScheme> {
     vec![SignatureScheme::ML_DSA_65]
 }
 
-/// Checks the certificate list is one well-formed ML-DSA-65 SPKI and returns its key.
+/// Checks the certificate list is one well-formed ML-DSA-65 SPKI and returns its PeerId
+/// (the key itself is proven by the CertificateVerify signature that follows).
 fn check_presented_key(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-) -> Result<PublicIdentity, PeerVerifyError> {
+) -> Result<PeerId, PeerVerifyError> {
     if !intermediates.is_empty() {
         return Err(PeerVerifyError::Chain { extra: intermediates.len() });
     }
-    Ok(public_identity_from_spki(end_entity.as_ref())?)
+    Ok(peer_id_from_spki(end_entity.as_ref())?)
 }
 
 /// CertificateVerify: the signature must be ML-DSA-65 (0x0905) by the presented key.
@@ -230,7 +239,7 @@ fn verify_handshake_signature(
 ) -> Result<HandshakeSignatureValid, Error> {
     // Parsed by us first (strict, typed errors), then rustls maps the scheme: anything but
     // ML_DSA_65 is `SignedHandshakeWithUnadvertisedSigScheme`.
-    public_identity_from_spki(cert.as_ref()).map_err(PeerVerifyError::from)?;
+    spki_key(cert.as_ref()).map_err(PeerVerifyError::from)?;
     verify_tls13_signature_with_raw_key(message, &SubjectPublicKeyInfoDer::from(cert.as_ref()), dss, algorithms)
 }
 
@@ -265,10 +274,10 @@ impl ServerCertVerifier for ServerKeyVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let key = check_presented_key(end_entity, intermediates)?;
+        let actual = check_presented_key(end_entity, intermediates)?;
         if let Some(expected) = self.expected {
-            if key.peer_id() != expected {
-                return Err(PeerVerifyError::WrongPeer { expected, actual: key.peer_id() }.into());
+            if actual != expected {
+                return Err(PeerVerifyError::WrongPeer { expected, actual }.into());
             }
         }
         Ok(ServerCertVerified::assertion())
