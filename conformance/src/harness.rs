@@ -22,6 +22,8 @@ pub enum Ev {
     Down(LinkAddr, String),
     /// Room after WouldBlock.
     Writable,
+    /// Pull mode: something arrived after a `recv_pull` found nothing.
+    Readable,
 }
 
 #[derive(Default)]
@@ -121,6 +123,7 @@ impl Endpoint {
                         TransportEvent::LinkUp(p) => log.events.push_back(Ev::Up(p)),
                         TransportEvent::LinkDown { peer, reason } => log.events.push_back(Ev::Down(peer, reason)),
                         TransportEvent::Writable => log.events.push_back(Ev::Writable),
+                        TransportEvent::Readable => log.events.push_back(Ev::Readable),
                     }
                     drop(log);
                     sink.changed.notify_all();

@@ -13,6 +13,7 @@
 //! | `backpressure` | a flood gets `WouldBlock`, then a `writable` event, then sends succeed again |
 //! | `concurrent_senders` | four threads sending at once: every frame intact, every sender heard; all frames, per-sender order kept when reliable-ordered is declared |
 //! | `garbage` | garbage from the peer's side does not crash or wedge the instance |
+//! | `pull_receive` | where `recv_pull` is implemented (optional): frames are read in place, none delivered the push way any more, and a pull that found nothing is answered by `readable` once a frame arrives |
 //! | `peer_vanishes` | with declared peer liveness, closing B makes A report `link_down` for B |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use antmesh_host::plugin::{LoadedPlugin, OpenError};
 use antmesh_host::transport::Transport;
 use antmesh_plugin_api::abi_stable::std_types::RSlice;
 use antmesh_plugin_api::{
-    Capabilities, LinkAddr, OutFrame, PluginErrorKind, Reliability, SendError, ABI_VERSION,
+    Capabilities, LinkAddr, OutFrame, PluginErrorKind, RecvSlot, Reliability, SendError, ABI_VERSION,
 };
 
 use crate::fixture::{self, Fixture, Pair, FIXTURES};
@@ -365,6 +366,86 @@ fn check_garbage(p: &Pair, b: &Endpoint) -> Result<(), Outcome> {
     Ok(())
 }
 
+/// Pulls from `b` until `payload` is among the frames read (each slot cut at its stride), or
+/// `wait` passes. Returns whether it was, and fails on a slot the plugin filled badly.
+fn pull_until(b: &Endpoint, payload: &[u8], wait: Duration) -> Result<bool, Outcome> {
+    let end = Instant::now() + wait;
+    // Slots as large as a receive-offload train, whatever the MTU.
+    let mut bufs = vec![vec![0u8; 65536]; 4];
+    while Instant::now() < end {
+        let mut slots: Vec<RecvSlot<'_>> = bufs
+            .iter_mut()
+            .map(|buf| RecvSlot { buf: buf.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 })
+            .collect();
+        let Some(n) = b.transport.recv_pull(&mut slots) else {
+            return fail("recv_pull answered \"unsupported\" after it had pulled");
+        };
+        for s in slots.iter().take(n) {
+            let len = s.len as usize;
+            if len > s.buf.len() || (len > 0 && s.stride == 0) {
+                return fail(format!("slot filled with len {len}, stride {} in a {}-byte buffer", s.stride, s.buf.len()));
+            }
+            if len > 0 && s.buf.as_slice()[..len].chunks(s.stride as usize).any(|d| d == payload) {
+                return Ok(true);
+            }
+        }
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(false)
+}
+
+fn check_pull(p: &Pair, b: &Endpoint) -> Result<Outcome, Outcome> {
+    quiesce(p, b);
+    // The first pull switches B to pull mode for good (this check runs last on B).
+    if b.transport.recv_pull(&mut []).is_none() {
+        return Ok(Outcome::Unsupported("recv_pull not implemented (optional; frames are delivered)".into()));
+    }
+    // Resent until read: lossy media may drop some.
+    let payload = unique("pulled");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Err(e) = p.a.send_patiently(&p.a_to_b, &payload, WAIT) {
+            return fail(format!("send to {}: {e}", p.a_to_b));
+        }
+        if pull_until(b, &payload, Duration::from_millis(500))? {
+            break;
+        }
+        if Instant::now() >= end {
+            return fail("a frame sent to the pulling instance was never read by recv_pull");
+        }
+    }
+    if b.events.take(Duration::from_millis(300), |e| matches!(e, Ev::Frame(_, d) if *d == payload)).is_some() {
+        return fail("a pulled frame was delivered too");
+    }
+    // Drain (pull for a moment, for a frame never sent), arm (a pull that finds nothing),
+    // then one frame: `readable` must follow.
+    pull_until(b, b"\0never sent", Duration::from_millis(50))?;
+    b.events.clear();
+    let mut none: [RecvSlot<'_>; 0] = [];
+    if b.transport.recv_pull(&mut none) != Some(0) {
+        return fail("an empty pull did not answer Some(0)");
+    }
+    let late = unique("after-arming");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Err(e) = p.a.send_patiently(&p.a_to_b, &late, WAIT) {
+            return fail(format!("send to {}: {e}", p.a_to_b));
+        }
+        if b.events.take(Duration::from_millis(500), |e| matches!(e, Ev::Readable)).is_some() {
+            break;
+        }
+        if Instant::now() >= end {
+            return fail("no readable event after a pull found nothing and a frame arrived");
+        }
+    }
+    if !pull_until(b, &late, Duration::from_secs(5))? {
+        return fail("readable was signalled but the frame could not be pulled");
+    }
+    Ok(Outcome::Passed)
+}
+
 fn check_vanish(p: &mut Pair, caps: &Capabilities) -> Outcome {
     if !caps.peer_liveness {
         return Outcome::Unsupported("instance does not declare peer liveness (connectionless)".into());
@@ -408,6 +489,7 @@ pub fn run_suite(plugin: &LoadedPlugin, fixture_name: &str) -> Result<Report, fi
         "backpressure",
         "concurrent_senders",
         "garbage",
+        "pull_receive",
         "peer_vanishes",
     ];
     let mut pair = match fixture.open_pair(plugin) {
@@ -433,6 +515,7 @@ pub fn run_suite(plugin: &LoadedPlugin, fixture_name: &str) -> Result<Report, fi
         report.record("backpressure", as_outcome(check_backpressure(p, b, &caps)));
         report.record("concurrent_senders", as_outcome(check_concurrent(p, b, &caps)));
         report.record("garbage", as_outcome(check_garbage(p, b)));
+        report.record("pull_receive", check_pull(p, b).unwrap_or_else(|e| e));
     }
     report.record("peer_vanishes", check_vanish(&mut pair, &caps));
     Ok(report)

@@ -48,7 +48,7 @@ const COMMON: &[&str] = &[
 #[test]
 fn udp_passes() {
     let mut checks = COMMON.to_vec();
-    checks.push("broadcast");
+    checks.extend(["broadcast", "pull_receive"]);
     assert_passes("udp", "udp-loopback", &checks, &["ordered_burst", "peer_vanishes"]);
 }
 
@@ -56,21 +56,21 @@ fn udp_passes() {
 fn tcp_passes() {
     let mut checks = COMMON.to_vec();
     checks.extend(["ordered_burst", "peer_vanishes"]);
-    assert_passes("tcp", "tcp-loopback", &checks, &["broadcast"]);
+    assert_passes("tcp", "tcp-loopback", &checks, &["broadcast", "pull_receive"]);
 }
 
 #[test]
 fn pipe_passes() {
     let mut checks = COMMON.to_vec();
     checks.extend(["broadcast", "ordered_burst", "peer_vanishes"]);
-    assert_passes("pipe", "pipe", &checks, &[]);
+    assert_passes("pipe", "pipe", &checks, &["pull_receive"]);
 }
 
 #[test]
 fn serial_passes() {
     let mut checks = COMMON.to_vec();
     checks.extend(["broadcast", "peer_vanishes"]);
-    assert_passes("serial", "serial-pty", &checks, &["ordered_burst"]);
+    assert_passes("serial", "serial-pty", &checks, &["ordered_burst", "pull_receive"]);
 }
 
 #[test]

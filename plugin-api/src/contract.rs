@@ -5,8 +5,10 @@
 //!  ────                                   ──────
 //!  TransportModRef::open(config, host) ─► TransportInstance
 //!  instance.send / send_batch / close  ─► (never blocks: WouldBlock under backpressure)
+//!  instance.recv_pull (optional, 0.1.1)─► (never blocks: reads into the host's buffers)
 //!  HostHandle::deliver / link_up /     ◄─ plugin threads
 //!            link_down / writable / log
+//!            readable (0.1.1)
 //! ```
 //!
 //! Stability: fields after `#[sabi(last_prefix_field)]` may be appended in minor versions;
@@ -17,7 +19,7 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
-use abi_stable::std_types::{RArc, RBox, ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RArc, RBox, RNone, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 use abi_stable::{declare_root_module_statics, package_version_strings, sabi_trait, StableAbi};
 
 use crate::addr::LinkAddr;
@@ -64,6 +66,23 @@ pub struct InFrame<'a> {
     pub data: RSlice<'a, u8>,
 }
 
+/// A receive buffer the host lends to [`TransportInstance::recv_pull`]. The plugin writes one
+/// datagram, or a train of datagrams from one sender (as receive offload hands them over),
+/// into `buf` and fills in the rest.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct RecvSlot<'a> {
+    /// Where the bytes go.
+    pub buf: RSliceMut<'a, u8>,
+    /// Set by the plugin: the sender.
+    pub from: LinkAddr,
+    /// Set by the plugin: bytes written to `buf`.
+    pub len: u32,
+    /// Set by the plugin: `buf[..len]` is datagrams of `stride` bytes, the last one possibly
+    /// shorter (`stride == len` for a single datagram).
+    pub stride: u32,
+}
+
 /// Outcome of `send_batch`: frames are taken in order until one cannot be.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
@@ -107,6 +126,24 @@ pub trait TransportInstance: Send + Sync {
     /// runs after this returns. Idempotent.
     #[sabi(last_prefix_field)]
     fn close(&self) -> RResult<(), PluginError>;
+
+    /// Optional (ABI 0.1.1; the default says "not supported"): reads received datagrams
+    /// straight into the host's buffers, on the host's thread, instead of delivering them.
+    /// A host that reads from its own task (QUIC) saves a thread hop and a copy per batch.
+    ///
+    /// - `RNone`: not supported; datagrams keep arriving through `deliver`.
+    /// - `RSome(n)`: `n` slots filled, from the first.
+    /// - `RSome(0)`: nothing now; the plugin calls [`HostHandle::readable`] once something
+    ///   arrives (once per `RSome(0)`; a spurious call is allowed).
+    ///
+    /// The first call switches the instance to pull mode for the rest of its life: it no
+    /// longer calls `deliver` for datagrams (one already under way may still arrive). Never
+    /// blocks. Slots smaller than the instance's MTU can lose datagrams (a datagram that does
+    /// not fit is dropped, never truncated).
+    fn recv_pull(&self, slots: RSliceMut<'_, RecvSlot<'_>>) -> ROption<u32> {
+        let _ = slots;
+        RNone
+    }
 }
 
 /// The owned trait object the host holds for an instance.
@@ -132,6 +169,10 @@ pub trait HostHandle: Send + Sync + Clone {
     /// A log line, routed into the host's `tracing` output with the instance's name.
     #[sabi(last_prefix_field)]
     fn log(&self, level: LogLevel, message: RStr<'_>);
+
+    /// Optional (ABI 0.1.1): pull mode only; something arrived after
+    /// [`TransportInstance::recv_pull`] returned `RSome(0)`. A host without it never pulls.
+    fn readable(&self) {}
 }
 
 /// The shareable trait object a plugin receives.

@@ -10,12 +10,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 
 use crate::addr::LinkAddr;
 use crate::caps::Capabilities;
 use crate::contract::{
-    BatchResult, HostHandleBox, InFrame, LogLevel, OutFrame, TransportInstance, TransportInstanceBox,
+    BatchResult, HostHandleBox, InFrame, LogLevel, OutFrame, RecvSlot, TransportInstance, TransportInstanceBox,
     TransportInstance_TO,
 };
 use crate::error::{PluginError, PluginErrorKind, SendError};
@@ -43,6 +43,15 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Stops threads and releases descriptors; no host callback may run after it returns.
     fn close(&self) -> Result<(), PluginError>;
+
+    /// Pull receiving, for plugins that can read in place (see
+    /// [`TransportInstance::recv_pull`](crate::contract::TransportInstance::recv_pull)):
+    /// `None` (the default) if not supported, else how many slots were filled, `Some(0)`
+    /// promising a [`Host::readable`] once something arrives.
+    fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+        let _ = slots;
+        None
+    }
 }
 
 /// Extracts a readable message from a panic payload.
@@ -97,6 +106,11 @@ impl Host {
     /// Signals room after a `WouldBlock`.
     pub fn writable(&self) {
         self.0.writable();
+    }
+
+    /// Pull mode: signals that something arrived after `recv_pull` found nothing.
+    pub fn readable(&self) {
+        self.0.readable();
     }
 
     /// Logs a line at `level`.
@@ -196,6 +210,19 @@ impl<T: Transport> TransportInstance for Guarded<T> {
             }
         }
         result
+    }
+
+    fn recv_pull(&self, mut slots: RSliceMut<'_, RecvSlot<'_>>) -> ROption<u32> {
+        if self.is_disabled() {
+            // Nothing more comes from a disabled instance; "nothing now" keeps the host
+            // from falling back to a delivery path that is just as dead.
+            return ROption::RSome(0);
+        }
+        let n = slots.len();
+        self.call(|_| Some(0), |t| t.recv_pull(slots.as_mut_slice()))
+            .unwrap_or_else(|e| e)
+            .map(|filled| u32::try_from(filled.min(n)).unwrap_or(u32::MAX))
+            .into()
     }
 
     fn close(&self) -> RResult<(), PluginError> {

@@ -24,7 +24,7 @@ pub use addr::{AddrParseError, IpPort, LinkAddr, TransportAddr};
 pub use caps::{Capabilities, Duplex, Framing, LatencyClass, Reliability};
 pub use contract::{
     BatchResult, HostHandle, HostHandleBox, HostHandle_TO, InFrame, LogLevel, OutFrame,
-    PluginInfo, TransportInstance, TransportInstanceBox, TransportInstance_TO, TransportMod,
+    PluginInfo, RecvSlot, TransportInstance, TransportInstanceBox, TransportInstance_TO, TransportMod,
     TransportModRef,
 };
 pub use error::{PluginError, PluginErrorKind, SendError};

@@ -141,7 +141,9 @@ pub async fn run_link(
                     tracing::info!(interface = %iface, peer = %show(&peer), %reason, "link down");
                     engine.link_down(&peer);
                 }
-                Ok(TransportEvent::Writable) => {}
+                // Writable: sends are retried on the engine's own schedule; Readable only
+                // follows a `recv_pull`, which this driver never calls.
+                Ok(TransportEvent::Writable | TransportEvent::Readable) => {}
                 Err(_) => break,
             },
             () = sleep => engine.handle_timeout(std::time::Instant::now()),

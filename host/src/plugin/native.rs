@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RArc, RSlice, RStr};
+use abi_stable::std_types::{RArc, RSlice, RSliceMut, RStr};
 use antmesh_plugin_api::{
-    BatchResult, Capabilities, HostHandle, HostHandle_TO, InFrame, LinkAddr, LogLevel, OutFrame, PluginError,
+    BatchResult, Capabilities, HostHandle, HostHandle_TO, InFrame, LinkAddr, LogLevel, OutFrame, PluginError, RecvSlot,
     SendError, TransportAddr, TransportInstanceBox,
 };
 
@@ -67,6 +67,10 @@ impl HostHandle for ChannelHost {
 
     fn writable(&self) {
         self.emit(TransportEvent::Writable);
+    }
+
+    fn readable(&self) {
+        self.emit(TransportEvent::Readable);
     }
 
     fn log(&self, level: LogLevel, message: RStr<'_>) {
@@ -148,6 +152,17 @@ impl Transport for NativeTransport {
             return BatchResult { accepted: 0, error: abi_stable::std_types::ROption::RSome(SendError::Closed) };
         }
         self.instance.send_batch(RSlice::from_slice(frames))
+    }
+
+    fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+        if self.closed.load(Ordering::Acquire) {
+            return Some(0);
+        }
+        let n = slots.len();
+        self.instance
+            .recv_pull(RSliceMut::from_mut_slice(slots))
+            .into_option()
+            .map(|filled| (filled as usize).min(n))
     }
 
     fn close(&self) -> Result<(), CloseError> {

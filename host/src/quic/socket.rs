@@ -8,10 +8,17 @@
 //!   datagrams, cut at its segment size) to the plugin's non-blocking `send_batch` in one
 //!   call; the udp plugin turns it into one segmentation offload send. A `WouldBlock` parks
 //!   quinn's poller until the plugin's `writable` event.
-//! - **Receiving.** quinn's endpoint driver reads the transport's event channel itself,
-//!   in `poll_recv`: no task in between. Consecutive equal-size datagrams from one sender
-//!   share one of quinn's receive slots ([`MAX_RECEIVE_SEGMENTS`], what receive offload
-//!   does on quinn's own socket), so quinn allocates once per train rather than per
+//! - **Receiving, pull.** Where the plugin implements the contract's optional `recv_pull`
+//!   (the udp plugin does), quinn's endpoint driver has the plugin read the socket straight
+//!   into quinn's receive slots, in `poll_recv`, on quinn's own thread: no copy on the host
+//!   side and no thread hop while data keeps coming, as with quinn's own socket. When a pull
+//!   finds nothing, the plugin owes a `readable` event, which arrives through the event
+//!   channel and wakes the driver. Receive-offload trains land in one slot each, cut at
+//!   their stride by quinn ([`MAX_RECEIVE_SEGMENTS`] sizes the slots for 64 KiB trains).
+//! - **Receiving, push** (plugins without `recv_pull`, and what was delivered before the
+//!   first pull). quinn's endpoint driver reads the transport's event channel itself, in
+//!   `poll_recv`: no task in between. Consecutive equal-size datagrams from one sender
+//!   share one of quinn's receive slots, so quinn allocates once per train rather than per
 //!   datagram. A received datagram is copied twice on the host side: out of the plugin's
 //!   buffer in `deliver` (it is only lent), and into quinn's.
 //! - **Path MTU.** `may_fragment()` is false, so quinn runs path MTU discovery as on its
@@ -45,8 +52,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use antmesh_plugin_api::abi_stable::std_types::RSlice;
-use antmesh_plugin_api::{LinkAddr, OutFrame, SendError, TransportAddr};
+use antmesh_plugin_api::abi_stable::std_types::{RSlice, RSliceMut};
+use antmesh_plugin_api::{LinkAddr, OutFrame, RecvSlot, SendError, TransportAddr};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
@@ -65,9 +72,11 @@ pub const MAX_TRANSMIT_SEGMENTS: usize = 10;
 
 /// The most datagrams handed to quinn in one receive slot: consecutive equal-size datagrams
 /// from one sender share a slot, as with receive offload on quinn's own socket. quinn sizes
-/// its receive buffer to this (× its maximum datagram size × its batch of 32 slots: 1.5 MB
-/// of address space per endpoint at the default 1472-byte datagram).
-pub const MAX_RECEIVE_SEGMENTS: usize = 32;
+/// its receive buffer to this (× its maximum datagram size × its batch of 32 slots: 3 MB of
+/// address space per endpoint at the default 1472-byte datagram, as quinn's own socket on
+/// Linux). 64 because a pulling plugin reads receive-offload trains of up to 64 KiB straight
+/// into these slots: a smaller slot would cut trains short.
+pub const MAX_RECEIVE_SEGMENTS: usize = 64;
 
 /// Why a transport cannot carry QUIC.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -107,6 +116,9 @@ struct Inbound {
     queued: usize,
     dropped: u64,
     closed: bool,
+    /// Whether the transport reads into quinn's buffers itself (`recv_pull`); `None` until
+    /// the first try.
+    pull: Option<bool>,
 }
 
 impl Inbound {
@@ -352,6 +364,7 @@ impl PluginSocket {
                 queued: 0,
                 dropped: 0,
                 closed: false,
+                pull: None,
             }),
             writable: Mutex::new(Writable::default()),
             generation: AtomicU64::new(0),
@@ -370,6 +383,40 @@ impl PluginSocket {
     pub fn dropped(&self) -> u64 {
         lock(&self.shared.inbound).dropped
     }
+}
+
+/// Most of quinn's receive slots lent to one `recv_pull` (quinn offers its batch of 32).
+const PULL_SLOTS: usize = 64;
+
+/// Lets the transport read straight into quinn's buffers (see `Transport::recv_pull`).
+/// `None`: it cannot. `Some(n)`: `n` slots filled (0: nothing now, a `Readable` follows).
+fn pull(transport: &SharedTransport, local: SocketAddr, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Option<usize> {
+    let k = bufs.len().min(meta.len()).min(PULL_SLOTS);
+    let mut slots: Vec<RecvSlot<'_>> = bufs
+        .iter_mut()
+        .take(k)
+        .map(|b| RecvSlot { buf: RSliceMut::from_mut_slice(&mut b[..]), from: LinkAddr::Broadcast, len: 0, stride: 0 })
+        .collect();
+    let filled = transport.recv_pull(&mut slots)?.min(k);
+    for (slot, m) in slots.iter().zip(meta.iter_mut()).take(filled) {
+        let len = (slot.len as usize).min(slot.buf.len());
+        m.len = len;
+        m.stride = match slot.stride as usize {
+            0 => len,
+            s => s,
+        };
+        m.ecn = None;
+        m.dst_ip = None;
+        match slot.from.socket_addr() {
+            Some(addr) => m.addr = addr,
+            // Not an IP sender (a plugin bug): an empty slot, which quinn drops.
+            None => {
+                m.addr = local;
+                m.len = 0;
+            }
+        }
+    }
+    Some(filled)
 }
 
 struct Poller {
@@ -465,6 +512,8 @@ impl AsyncUdpSocket for PluginSocket {
             match inb.next_event(cx) {
                 Some(Some(TransportEvent::Frames(frames))) => inb.push(frames),
                 Some(Some(TransportEvent::Writable)) => writable = true,
+                // Pull mode: the socket has something again; the pull below reads it.
+                Some(Some(TransportEvent::Readable)) => {}
                 // Links are a connection-oriented notion; QUIC keeps its own liveness.
                 Some(Some(TransportEvent::LinkUp(_) | TransportEvent::LinkDown { .. })) => {}
                 Some(None) => {
@@ -478,7 +527,18 @@ impl AsyncUdpSocket for PluginSocket {
                 }
             }
         }
-        let n = inb.fill(bufs, meta);
+        let mut n = inb.fill(bufs, meta);
+        if n == 0 && !inb.closed && inb.pull != Some(false) {
+            // After the events: a `Readable` sent after this pull finds the waker the event
+            // loop registered (or is the event it stopped at).
+            match pull(&self.shared.transport, self.local, bufs, meta) {
+                None => inb.pull = Some(false),
+                Some(filled) => {
+                    inb.pull = Some(true);
+                    n = filled;
+                }
+            }
+        }
         // A closed transport simply delivers nothing more: an error would make quinn's
         // driver log a spurious I/O failure during an orderly shutdown.
         let result = if n > 0 { Poll::Ready(Ok(n)) } else { Poll::Pending };

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use antmesh_plugin_api::{BatchResult, Capabilities, LinkAddr, OutFrame, PluginError, SendError, TransportAddr};
+use antmesh_plugin_api::{
+    BatchResult, Capabilities, LinkAddr, OutFrame, PluginError, RecvSlot, SendError, TransportAddr,
+};
 
 /// Something a transport instance reports to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum TransportEvent {
     },
     /// The instance has room again after `WouldBlock`.
     Writable,
+    /// Pull mode: something arrived after [`Transport::recv_pull`] found nothing.
+    Readable,
 }
 
 /// The frames of one delivery, in arrival order, copied into one buffer.
@@ -137,6 +141,16 @@ pub trait Transport: Send + Sync {
 
     /// Stops the instance; no event is produced after this returns. Idempotent.
     fn close(&self) -> Result<(), CloseError>;
+
+    /// Reads received datagrams into `slots` on the caller's thread, if the instance can
+    /// (the plugin contract's optional `recv_pull`): `None` if it cannot (frames keep coming
+    /// as [`TransportEvent::Frames`]); `Some(n)`, `n` slots filled; `Some(0)`, nothing now and
+    /// a [`TransportEvent::Readable`] follows once something arrives. The first call switches
+    /// the instance to pull mode for good.
+    fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+        let _ = slots;
+        None
+    }
 }
 
 /// A shared transport handle.

@@ -25,6 +25,8 @@ pub enum Event {
     Down(LinkAddr, String),
     /// `writable`.
     Writable,
+    /// `readable` (pull mode).
+    Readable,
     /// `log`.
     Log(LogLevel, String),
 }
@@ -67,6 +69,9 @@ impl HostHandle for TestHost {
     }
     fn writable(&self) {
         self.emit(Event::Writable);
+    }
+    fn readable(&self) {
+        self.emit(Event::Readable);
     }
     fn log(&self, level: LogLevel, message: RStr<'_>) {
         self.emit(Event::Log(level, message.to_string()));

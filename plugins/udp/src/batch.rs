@@ -40,12 +40,12 @@ pub struct OutMsg {
     pub seg: Option<u16>,
 }
 
-/// One received message: `len` bytes at `off` in the receive arena, datagrams of `seg`
+/// One received message: `len` bytes in receive buffer number `slot`, datagrams of `seg`
 /// bytes (the last may be shorter; `seg == len` without offload).
 #[derive(Debug, Clone, Copy)]
 pub struct Got {
     pub from: SocketAddr,
-    pub off: usize,
+    pub slot: usize,
     pub len: usize,
     pub seg: usize,
     /// The slot was too small: the datagram is incomplete and must be dropped.
@@ -228,13 +228,20 @@ mod imp {
 
     pub const MAX_SLOTS: usize = 64;
 
-    pub fn recv(sock: &UdpSocket, arena: &mut [u8], slot: usize, meta: &mut Meta, gro: bool, out: &mut Vec<Got>) -> io::Result<usize> {
-        let n = (arena.len() / slot.max(1)).min(meta.names.len()).min(MAX_SLOTS);
+    pub fn recv<'a>(
+        sock: &UdpSocket,
+        bufs: impl Iterator<Item = &'a mut [u8]>,
+        meta: &mut Meta,
+        gro: bool,
+        out: &mut Vec<Got>,
+    ) -> io::Result<usize> {
         // SAFETY: all-zero is a valid value of these plain C structs.
         let mut hdrs: [libc::mmsghdr; MAX_SLOTS] = unsafe { mem::zeroed() };
         // SAFETY: as above.
         let mut iovs: [libc::iovec; MAX_SLOTS] = unsafe { mem::zeroed() };
-        for (i, chunk) in arena.chunks_exact_mut(slot).take(n).enumerate() {
+        let mut n = 0;
+        for (i, chunk) in bufs.take(meta.names.len().min(MAX_SLOTS)).enumerate() {
+            n = i + 1;
             iovs[i] = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: chunk.len() };
             let h = &mut hdrs[i].msg_hdr;
             h.msg_name = (&mut meta.names[i] as *mut libc::sockaddr_storage).cast();
@@ -246,9 +253,13 @@ mod imp {
                 h.msg_controllen = CMSG_BYTES as _;
             }
         }
+        if n == 0 {
+            return Ok(0);
+        }
         let got = loop {
-            // SAFETY: `hdrs[..n]` point at `n` disjoint arena slots, address and control
-            // buffers of the sizes given, all alive and exclusively borrowed for the call.
+            // SAFETY: `hdrs[..n]` point at `n` disjoint buffers (exclusively borrowed for
+            // `'a`, which outlives the call), address and control buffers of the sizes
+            // given, all alive for the call.
             // The socket is non-blocking; no timeout.
             let rc = unsafe { libc::recvmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, 0, ptr::null_mut()) };
             if rc >= 0 {
@@ -283,7 +294,7 @@ mod imp {
                 }
             }
             let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            out.push(Got { from, off: i * slot, len: len.min(slot), seg, truncated });
+            out.push(Got { from, slot: i, len: len.min(iovs[i].iov_len), seg, truncated });
         }
         Ok(got)
     }
@@ -352,13 +363,21 @@ mod imp {
 
     pub const MAX_SLOTS: usize = 64;
 
-    pub fn recv(sock: &UdpSocket, arena: &mut [u8], slot: usize, _: &mut Meta, _: bool, out: &mut Vec<Got>) -> io::Result<usize> {
+    pub fn recv<'a>(
+        sock: &UdpSocket,
+        bufs: impl Iterator<Item = &'a mut [u8]>,
+        _: &mut Meta,
+        _: bool,
+        out: &mut Vec<Got>,
+    ) -> io::Result<usize> {
         let mut got = 0;
-        for (i, buf) in arena.chunks_exact_mut(slot).take(MAX_SLOTS).enumerate() {
+        for (i, buf) in bufs.take(MAX_SLOTS).enumerate() {
+            let size = buf.len();
             match sock.recv_from(buf) {
                 Ok((n, from)) => {
                     got += 1;
-                    out.push(Got { from, off: i * slot, len: n.min(slot), seg: n, truncated: n >= slot });
+                    // recv_from cannot tell a datagram that just fits from a cut one.
+                    out.push(Got { from, slot: i, len: n.min(size), seg: n, truncated: n >= size });
                 }
                 Err(e) if got == 0 => return Err(e),
                 Err(_) => break,
@@ -418,7 +437,8 @@ impl Receiver {
     /// means the socket was emptied.
     pub fn recv(&mut self, sock: &UdpSocket, out: &mut Vec<Got>) -> io::Result<usize> {
         out.clear();
-        imp::recv(sock, &mut self.arena, self.slot, &mut self.meta, self.gro, out)
+        let slots = (self.arena.len() / self.slot.max(1)).min(imp::MAX_SLOTS);
+        imp::recv(sock, self.arena.chunks_exact_mut(self.slot).take(slots), &mut self.meta, self.gro, out)
     }
 
     /// Messages one call can return.
@@ -428,6 +448,36 @@ impl Receiver {
 
     /// The bytes of a received message.
     pub fn bytes(&self, g: &Got) -> &[u8] {
-        self.arena.get(g.off..g.off + g.len).unwrap_or(&[])
+        let off = g.slot * self.slot;
+        self.arena.get(off..off + g.len).unwrap_or(&[])
+    }
+}
+
+/// Reads into buffers the caller lends (pull mode: the host's own), with the socket's
+/// receive offload if on, into `out` (cleared first). `WouldBlock` when there was nothing.
+pub fn recv_into<'a>(
+    sock: &UdpSocket,
+    bufs: impl Iterator<Item = &'a mut [u8]>,
+    meta: &mut Meta,
+    gro: bool,
+    out: &mut Vec<Got>,
+) -> io::Result<usize> {
+    out.clear();
+    imp::recv(sock, bufs, &mut meta.0, gro, out)
+}
+
+/// Address and control buffers for [`recv_into`], kept between calls.
+pub struct Meta(imp::Meta);
+
+impl Meta {
+    /// Room for the most slots one call reads.
+    pub fn new() -> Meta {
+        Meta(imp::Meta::new(imp::MAX_SLOTS))
+    }
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta::new()
     }
 }

@@ -8,8 +8,10 @@
 //! writability when the kernel pushes back, so backpressure from the kernel or from a full
 //! queue reaches the host as `WouldBlock` followed by `writable`. Inbound datagrams are read
 //! with `recvmmsg` (with receive offload, `UDP_GRO`, a train of datagrams per slot) and
-//! handed to the host one call's worth per `deliver`. See [`batch`] for the system calls
-//! and their portable fallback.
+//! handed to the host one call's worth per `deliver` — or, once the host pulls
+//! (`recv_pull`, what its QUIC socket does), read on the host's own thread straight into its
+//! buffers, the I/O thread only saying `readable` when the host waits. See [`batch`] for the
+//! system calls and their portable fallback.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV6};
@@ -21,10 +23,10 @@ use std::time::Duration;
 use antmesh_plugin_api::abi_stable::std_types::{RNone, ROption, RSlice};
 use antmesh_plugin_api::{
     export::parse_config, BatchResult, Capabilities, Duplex, Framing, Host, InFrame, LatencyClass, LinkAddr,
-    OutFrame, PluginError, Reliability, SendError, Transport, TransportAddr,
+    OutFrame, PluginError, RecvSlot, Reliability, SendError, Transport, TransportAddr,
 };
 use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -160,9 +162,27 @@ pub struct UdpTransport {
     local: SocketAddr,
     broadcast: Option<SocketAddr>,
     queue: Arc<SendQueue>,
+    socket: Arc<UdpSocket>,
+    pull: Arc<Pull>,
+    /// The I/O thread's registry: pull mode turns read interest on while the host waits.
+    registry: Registry,
+    host: Host,
+    mtu: usize,
+    gro: bool,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Pull mode: the host reads the socket itself (`recv_pull`).
+#[derive(Default)]
+struct Pull {
+    /// The host has pulled: the I/O thread no longer reads the socket.
+    on: AtomicBool,
+    /// A pull found nothing: the next datagram is announced with `readable`.
+    armed: AtomicBool,
+    /// Scratch for the host's reads (address and control buffers, results).
+    scratch: Mutex<(batch::Meta, Vec<Got>)>,
 }
 
 fn io_err(context: &str) -> impl Fn(io::Error) -> PluginError + '_ {
@@ -222,9 +242,14 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
     let stop = Arc::new(AtomicBool::new(false));
     let caps = capabilities(&cfg);
     let mtu = cfg.mtu as usize;
+    let socket = Arc::new(socket);
+    let pull = Arc::new(Pull::default());
+    let host_for_pull = host.clone();
+    let registry = poll.registry().try_clone().map_err(io_err("mio registry"))?;
     let io = IoLoop {
         poll,
-        socket,
+        socket: Arc::clone(&socket),
+        pull: Arc::clone(&pull),
         queue: Arc::clone(&queue),
         parked,
         host: host.clone(),
@@ -245,12 +270,27 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
             queue.close();
         })
         .map_err(io_err("spawn udp thread"))?;
-    Ok(UdpTransport { caps, local, broadcast: cfg.broadcast, queue, stop, waker, thread: Mutex::new(Some(thread)) })
+    Ok(UdpTransport {
+        caps,
+        local,
+        broadcast: cfg.broadcast,
+        queue,
+        socket,
+        pull,
+        registry,
+        host: host_for_pull,
+        mtu,
+        gro: offloads.gro,
+        stop,
+        waker,
+        thread: Mutex::new(Some(thread)),
+    })
 }
 
 struct IoLoop {
     poll: Poll,
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
+    pull: Arc<Pull>,
     queue: Arc<SendQueue>,
     /// Set while the thread waits with nothing to send: a push then writes the waker.
     parked: Arc<AtomicBool>,
@@ -399,7 +439,18 @@ impl IoLoop {
                     readable = true;
                 }
             }
-            if readable {
+            if readable && self.pull.on.load(Ordering::SeqCst) {
+                // The host reads; it only needs telling when it waits. Read interest goes
+                // off until the host arms again (so arrivals while it is busy reading do
+                // not wake this thread), then the flag is taken: the host sets the flag
+                // before it turns interest on, so whatever the interleaving, an armed host
+                // is told.
+                more_to_read = false;
+                want_reads(self.poll.registry(), &self.socket, false);
+                if self.pull.armed.swap(false, Ordering::SeqCst) {
+                    self.host.readable();
+                }
+            } else if readable {
                 more_to_read = self.receive(&mut got);
             }
             if self.stop.load(Ordering::Acquire) {
@@ -553,6 +604,56 @@ impl UdpTransport {
     }
 }
 
+/// Turns the socket's read interest on or off (pull mode; write interest stays). Turning it
+/// on reports data already waiting at once (epoll re-checks readiness on modification).
+#[cfg(unix)]
+fn want_reads(registry: &Registry, socket: &UdpSocket, on: bool) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::WRITABLE };
+    // Fails only for a closed descriptor, when nothing waits for it any more.
+    let _ = registry.reregister(&mut mio::unix::SourceFd(&fd), SOCKET, interest);
+}
+
+/// Elsewhere read interest stays on: every arrival wakes the I/O thread, which tells an
+/// armed host and ignores the rest.
+#[cfg(not(unix))]
+fn want_reads(_: &Registry, _: &UdpSocket, _: bool) {}
+
+impl UdpTransport {
+    /// One read into the host's slots; returns how many were filled.
+    fn read_into(&self, scratch: &mut (batch::Meta, Vec<Got>), slots: &mut [RecvSlot<'_>]) -> usize {
+        let (meta, got) = scratch;
+        let bufs = slots.iter_mut().map(|s| s.buf.as_mut_slice());
+        // (EINTR is retried inside.)
+        let n = match batch::recv_into(&self.socket, bufs, meta, self.gro, got) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return 0,
+            // ICMP errors surface here on some systems; they concern one peer only, and the
+            // next pull reads on.
+            Err(e) => {
+                self.host.debug(&format!("udp recv: {e}"));
+                return 0;
+            }
+        };
+        for g in got.iter() {
+            let Some(slot) = slots.get_mut(g.slot) else { continue };
+            slot.from = LinkAddr::from(g.from);
+            // Without receive offload `seg` is the datagram's length.
+            if g.truncated || g.seg > self.mtu {
+                self.host.debug(&format!("dropped {}-byte datagram from {}: over MTU or slot", g.seg, g.from));
+                slot.len = 0;
+                slot.stride = 0;
+                continue;
+            }
+            slot.len = u32::try_from(g.len).unwrap_or(0);
+            slot.stride = u32::try_from(if g.seg == 0 { g.len } else { g.seg }).unwrap_or(0);
+        }
+        n
+    }
+
+}
+
 impl Transport for UdpTransport {
     fn capabilities(&self) -> Capabilities {
         self.caps
@@ -604,6 +705,28 @@ impl Transport for UdpTransport {
         BatchResult { accepted: u32::try_from(taken).unwrap_or(u32::MAX), error }
     }
 
+    fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+        self.pull.on.store(true, Ordering::SeqCst);
+        if self.stop.load(Ordering::Acquire) {
+            return Some(0);
+        }
+        let mut scratch = self.pull.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.read_into(&mut scratch, slots);
+        if n > 0 {
+            return Some(n);
+        }
+        // Arm, then look once more: a datagram that came before the flag is read here, one
+        // after it raises an edge the I/O thread answers with `readable` (SeqCst on both
+        // sides). A `readable` may still come after data was found: allowed, and harmless.
+        self.pull.armed.store(true, Ordering::SeqCst);
+        want_reads(&self.registry, &self.socket, true);
+        let n = self.read_into(&mut scratch, slots);
+        if n > 0 {
+            self.pull.armed.store(false, Ordering::SeqCst);
+        }
+        Some(n)
+    }
+
     fn close(&self) -> Result<(), PluginError> {
         self.stop.store(true, Ordering::Release);
         self.queue.close();
@@ -633,7 +756,7 @@ impl Drop for UdpTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use antmesh_plugin_kit::testing::Harness;
+    use antmesh_plugin_kit::testing::{Event, Harness};
     use std::net::UdpSocket as StdUdp;
     use std::time::Instant;
 
@@ -805,6 +928,102 @@ mod tests {
         let empty = [Run::new(SocketAddr::from(([127, 0, 0, 1], 1)), &[], 0)];
         plan(&empty, true, &mut msgs, &mut pieces);
         assert_eq!((msgs.len(), msgs[0].seg, pieces[0].start, pieces[0].end), (1, None, 0, 0));
+    }
+
+    /// Pulls until `want` datagrams were read (cut at each slot's stride) or `timeout`.
+    fn pull_datagrams(t: &UdpTransport, slot_size: usize, want: usize, timeout: Duration) -> Vec<(LinkAddr, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        let mut bufs = vec![vec![0u8; slot_size]; 8];
+        let mut out = Vec::new();
+        while out.len() < want && Instant::now() < deadline {
+            let mut slots: Vec<RecvSlot<'_>> = bufs
+                .iter_mut()
+                .map(|b| RecvSlot { buf: b.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 })
+                .collect();
+            let n = t.recv_pull(&mut slots).expect("the udp plugin pulls");
+            for s in &slots[..n] {
+                let len = s.len as usize;
+                if len == 0 {
+                    continue;
+                }
+                for d in s.buf.as_slice()[..len].chunks(s.stride as usize) {
+                    out.push((s.from.clone(), d.to_vec()));
+                }
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pulled_datagrams_arrive_in_place_in_order_and_are_not_delivered() {
+        let h = Harness::new();
+        let rx = open_at(&h, r#"(bind: "127.0.0.1:0")"#);
+        let tx = open_at(&Harness::new(), r#"(bind: "127.0.0.1:0")"#);
+        let to = LinkAddr::from(rx.local);
+        // Before anything arrives: nothing, and the instance is in pull mode from now on.
+        let mut buf = vec![0u8; 65536];
+        let mut one = [RecvSlot { buf: buf.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 }];
+        assert_eq!(rx.recv_pull(&mut one), Some(0));
+        // A segmented batch (one offload send where the kernel has it) and loose datagrams.
+        let frames: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 1000]).collect();
+        let batch: Vec<OutFrame<'_>> =
+            frames.iter().map(|f| OutFrame { to: to.clone(), data: RSlice::from_slice(f) }).collect();
+        assert_eq!(tx.send_batch(&batch).accepted, 12);
+        tx.send(&to, b"short tail").unwrap();
+        let got = pull_datagrams(&rx, 65536, 13, Duration::from_secs(5));
+        let data: Vec<Vec<u8>> = got.iter().map(|(_, d)| d.clone()).collect();
+        let mut want = frames.clone();
+        want.push(b"short tail".to_vec());
+        assert_eq!(data, want);
+        assert!(got.iter().all(|(from, _)| *from == LinkAddr::from(tx.local)));
+        // Nothing went the push way.
+        assert!(h.wait(Duration::from_millis(200), |e| matches!(e, Event::Frames(_))).is_none());
+    }
+
+    #[test]
+    fn a_pull_that_finds_nothing_is_answered_by_readable_once_data_arrives() {
+        let h = Harness::new();
+        let rx = open_at(&h, r#"(bind: "127.0.0.1:0")"#);
+        let sender = StdUdp::bind("127.0.0.1:0").unwrap();
+        let mut buf = vec![0u8; 2048];
+        for round in 0..3u8 {
+            let mut slot = [RecvSlot { buf: buf.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 }];
+            assert_eq!(rx.recv_pull(&mut slot), Some(0), "round {round}");
+            sender.send_to(&[round; 100], rx.local).unwrap();
+            assert!(h.wait(Duration::from_secs(5), |e| matches!(e, Event::Readable)).is_some(), "round {round}");
+            let mut slot = [RecvSlot { buf: buf.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 }];
+            assert_eq!(rx.recv_pull(&mut slot), Some(1));
+            assert_eq!((slot[0].len, slot[0].stride), (100, 100));
+            assert_eq!(&slot[0].buf.as_slice()[..100], &[round; 100][..]);
+        }
+        // Not armed (the last pull found data): arrivals wake no one.
+        sender.send_to(b"quiet", rx.local).unwrap();
+        assert!(h.wait(Duration::from_millis(300), |e| matches!(e, Event::Readable | Event::Frames(_))).is_none());
+        let got = pull_datagrams(&rx, 2048, 1, Duration::from_secs(5));
+        assert_eq!(got[0].1, b"quiet");
+    }
+
+    #[test]
+    fn a_datagram_larger_than_its_slot_is_dropped_not_cut() {
+        let h = Harness::new();
+        let rx = open_at(&h, r#"(bind: "127.0.0.1:0", offload: false)"#);
+        let sender = StdUdp::bind("127.0.0.1:0").unwrap();
+        // Pull mode first (what arrives before the first pull is delivered the push way).
+        assert_eq!(rx.recv_pull(&mut []), Some(0));
+        sender.send_to(&[7u8; 600], rx.local).unwrap();
+        sender.send_to(&[8u8; 100], rx.local).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (mut a, mut b) = (vec![0u8; 500], vec![0u8; 500]);
+        let mut slots = [
+            RecvSlot { buf: a.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 },
+            RecvSlot { buf: b.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 },
+        ];
+        assert_eq!(rx.recv_pull(&mut slots), Some(2));
+        assert_eq!(slots[0].len, 0, "the 600-byte datagram did not fit: dropped");
+        assert_eq!((slots[1].len, slots[1].buf.as_slice()[0]), (100, 8));
     }
 
     #[test]
