@@ -421,7 +421,7 @@ fn udp_plugin() -> Result<loader::PluginSet, String> {
 
 fn plugin_endpoint(set: &loader::PluginSet, name: &str, server: Option<quinn::ServerConfig>) -> (Endpoint, SharedTransport) {
     let plugin = set.get("udp").unwrap();
-    let (t, events) = NativeTransport::open(plugin, name, "(bind: \"127.0.0.1:0\", sched_batch: true)").unwrap();
+    let (t, events) = NativeTransport::open(plugin, name, "(bind: \"127.0.0.1:0\")").unwrap();
     let t: SharedTransport = Arc::new(t);
     let socket = PluginSocket::new(Arc::clone(&t), events).unwrap();
     let ep = Endpoint::new_with_abstract_socket(
