@@ -166,8 +166,8 @@ pub struct UdpTransport {
     queue: Arc<SendQueue>,
     socket: Arc<UdpSocket>,
     pull: Arc<Pull>,
-    /// The I/O thread's registry: pull mode turns read interest on while the host waits.
-    registry: Registry,
+    /// The socket's registration with the I/O thread's poll.
+    interest: Arc<SocketInterest>,
     host: Host,
     mtu: usize,
     gro: bool,
@@ -248,10 +248,12 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
     let pull = Arc::new(Pull::default());
     let host_for_pull = host.clone();
     let registry = poll.registry().try_clone().map_err(io_err("mio registry"))?;
+    let interest = Arc::new(SocketInterest::new(registry, &socket));
     let io = IoLoop {
         poll,
         socket: Arc::clone(&socket),
         pull: Arc::clone(&pull),
+        interest: Arc::clone(&interest),
         queue: Arc::clone(&queue),
         parked,
         host: host.clone(),
@@ -279,7 +281,7 @@ fn open(text: &str, host: Host) -> Result<UdpTransport, PluginError> {
         queue,
         socket,
         pull,
-        registry,
+        interest,
         host: host_for_pull,
         mtu,
         gro: offloads.gro,
@@ -293,6 +295,7 @@ struct IoLoop {
     poll: Poll,
     socket: Arc<UdpSocket>,
     pull: Arc<Pull>,
+    interest: Arc<SocketInterest>,
     queue: Arc<SendQueue>,
     /// Set while the thread waits with nothing to send: a push then writes the waker.
     parked: Arc<AtomicBool>,
@@ -436,6 +439,7 @@ impl IoLoop {
             for ev in events.iter() {
                 if ev.token() == SOCKET && ev.is_writable() {
                     kernel_full = false;
+                    self.interest.set(None, Some(false));
                 }
                 if ev.token() == SOCKET && ev.is_readable() {
                     readable = true;
@@ -448,7 +452,7 @@ impl IoLoop {
                 // before it turns interest on, so whatever the interleaving, an armed host
                 // is told.
                 more_to_read = false;
-                want_reads(self.poll.registry(), &self.socket, false);
+                self.interest.set(Some(false), None);
                 if self.pull.armed.swap(false, Ordering::SeqCst) {
                     self.host.readable();
                 }
@@ -465,6 +469,9 @@ impl IoLoop {
                     Sent::More => more_to_send = true,
                     Sent::KernelFull => {
                         kernel_full = true;
+                        // Watched only while needed: every change of the registration
+                        // re-reports a writable socket, a wakeup for nothing otherwise.
+                        self.interest.set(None, Some(true));
                         more_to_send = true;
                     }
                 }
@@ -606,21 +613,67 @@ impl UdpTransport {
     }
 }
 
-/// Turns the socket's read interest on or off (pull mode; write interest stays). Turning it
-/// on reports data already waiting at once (epoll re-checks readiness on modification).
-#[cfg(unix)]
-fn want_reads(registry: &Registry, socket: &UdpSocket, on: bool) {
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    let interest = if on { Interest::READABLE | Interest::WRITABLE } else { Interest::WRITABLE };
-    // Fails only for a closed descriptor, when nothing waits for it any more.
-    let _ = registry.reregister(&mut mio::unix::SourceFd(&fd), SOCKET, interest);
+/// The socket's registration with the I/O thread's poll (edge-triggered), shared by the
+/// I/O thread and the host's pulls. Read interest: always in push mode, in pull mode only
+/// while the host waits. Write interest: only while the kernel has pushed back. A change
+/// re-checks readiness, so turning an interest on reports a state that already holds; and
+/// an interest left on when not needed would be re-reported, a wakeup for nothing, on every
+/// change of the other.
+struct SocketInterest {
+    registry: Registry,
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
+    /// (read, write) as registered.
+    state: Mutex<(bool, bool)>,
 }
 
-/// Elsewhere read interest stays on: every arrival wakes the I/O thread, which tells an
-/// armed host and ignores the rest.
-#[cfg(not(unix))]
-fn want_reads(_: &Registry, _: &UdpSocket, _: bool) {}
+impl SocketInterest {
+    /// As registered at open: read and write.
+    fn new(registry: Registry, socket: &UdpSocket) -> SocketInterest {
+        #[cfg(unix)]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+        #[cfg(not(unix))]
+        let _ = socket;
+        SocketInterest {
+            registry,
+            #[cfg(unix)]
+            fd,
+            state: Mutex::new((true, true)),
+        }
+    }
+
+    /// Changes what is given, keeps the rest.
+    #[cfg(unix)]
+    fn set(&self, read: Option<bool>, write: Option<bool>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (was_read, was_write) = *state;
+        let (r, w) = (read.unwrap_or(was_read), write.unwrap_or(was_write));
+        if (r, w) == (was_read, was_write) {
+            return;
+        }
+        let mut source = mio::unix::SourceFd(&self.fd);
+        let interest = match (r, w) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
+        // Fails only for a closed descriptor, when nothing waits for it any more.
+        let _ = match (interest, was_read || was_write) {
+            (Some(i), true) => self.registry.reregister(&mut source, SOCKET, i),
+            (Some(i), false) => self.registry.register(&mut source, SOCKET, i),
+            (None, _) => self.registry.deregister(&mut source),
+        };
+        *state = (r, w);
+    }
+
+    /// Elsewhere both interests stay on: every arrival wakes the I/O thread, which tells an
+    /// armed host and ignores the rest.
+    #[cfg(not(unix))]
+    fn set(&self, _: Option<bool>, _: Option<bool>) {
+        let _ = &self.registry;
+    }
+}
 
 impl UdpTransport {
     /// One read into the host's slots; returns how many were filled.
@@ -721,7 +774,7 @@ impl Transport for UdpTransport {
         // after it raises an edge the I/O thread answers with `readable` (SeqCst on both
         // sides). A `readable` may still come after data was found: allowed, and harmless.
         self.pull.armed.store(true, Ordering::SeqCst);
-        want_reads(&self.registry, &self.socket, true);
+        self.interest.set(Some(true), None);
         let n = self.read_into(&mut scratch, slots);
         if n > 0 {
             self.pull.armed.store(false, Ordering::SeqCst);
