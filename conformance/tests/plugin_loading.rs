@@ -151,3 +151,27 @@ mod sha2_free {
         String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
     }
 }
+
+/// A plugin built against the contract as released at ABI 0.1.0 (frozen in
+/// `test-plugins/abi-prev-api`), before 0.1.1 appended `recv_pull` and `readable`. abi_stable
+/// cannot take it (its vtables lack fields the host's types declare: "too many fields,
+/// expected 8, found 7"), so the host refuses it by version first, with an error that says
+/// what to rebuild against, and keeps serving the rest.
+#[test]
+fn plugin_built_against_an_older_abi_of_the_series_is_refused_with_what_to_rebuild_against() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_into(dir.path(), &common::test_plugin_file("test_abi_prev"));
+    copy_into(dir.path(), &common::plugin_file("udp"));
+    let set = loader::load_dir(dir.path()).unwrap();
+    assert_eq!(set.plugins.len(), 1, "only udp loads: {:?}", set.errors);
+    match &set.errors[..] {
+        [PluginLoadError::AbiMismatch { expected, found, .. }] => {
+            assert_eq!(*expected, ABI_VERSION);
+            assert_eq!(*found, AbiVersion { major: 0, minor: 1, patch: 0 });
+        }
+        other => panic!("expected one AbiMismatch, got {other:?}"),
+    }
+    let msg = set.errors[0].to_string();
+    assert!(msg.contains(&format!("rebuild the plugin against antmesh-plugin-api {ABI_VERSION}")), "{msg}");
+    assert!(set.get("udp").is_some());
+}

@@ -32,7 +32,7 @@ pub enum PluginLoadError {
         source: ManifestError,
     },
     /// The plugin was built against an incompatible ABI.
-    #[error("{file}: plugin ABI {found} is incompatible with this host's ABI {expected} (rebuild the plugin against antmesh-plugin-api {expected_major})", expected_major = major_series(*expected))]
+    #[error("{file}: plugin ABI {found} is incompatible with this host's ABI {expected} (rebuild the plugin against antmesh-plugin-api {expected}, or a later {expected_major})", expected_major = major_series(*expected))]
     AbiMismatch {
         /// The library or manifest.
         file: PathBuf,
