@@ -82,6 +82,43 @@ fn panic_inside_send_is_an_error_and_disables_the_instance() {
     assert!(matches!(again.transport.send(&to, b"x"), Err(SendError::Panicked(_))));
 }
 
+/// A panic inside `recv_pull` cannot travel in its return value ("nothing now"): the
+/// adapter logs it through the host, so an operator learns why the socket went quiet, and
+/// disables the instance as for any other panic.
+#[test]
+fn panic_inside_recv_pull_is_logged_and_disables_the_instance() {
+    use antmesh_plugin_api::RecvSlot;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let plugin = loader::load_library(&common::test_plugin_file("test_panicking"), None).unwrap();
+    let e = Endpoint::open(&plugin, "panicky-pull", "()").unwrap();
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let mut buf = [0u8; 64];
+    let mut slots = [RecvSlot { buf: buf.as_mut_slice().into(), from: LinkAddr::Broadcast, len: 0, stride: 0 }];
+    let got = tracing::subscriber::with_default(subscriber, || e.transport.recv_pull(&mut slots));
+    assert_eq!(got, Some(0));
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("ERROR") && text.contains("panicked in recv_pull") && text.contains("deliberate panic in recv_pull"), "{text}");
+    let to = LinkAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 9)));
+    assert_eq!(e.transport.send(&to, b"after"), Err(SendError::Closed));
+    assert_eq!(e.transport.recv_pull(&mut slots), Some(0));
+    e.close().unwrap();
+}
+
 #[test]
 fn installed_plugin_manifest_is_checked() {
     use sha2_free::hex_sha256;

@@ -138,6 +138,8 @@ struct Guarded<T> {
     inner: T,
     caps: Capabilities,
     disabled: AtomicBool,
+    /// For reporting what a return value cannot carry (a panic inside `recv_pull`).
+    host: Host,
 }
 
 impl<T: Transport> Guarded<T> {
@@ -219,7 +221,13 @@ impl<T: Transport> TransportInstance for Guarded<T> {
             return ROption::RSome(0);
         }
         let n = slots.len();
-        self.call(|_| Some(0), |t| t.recv_pull(slots.as_mut_slice()))
+        let on_panic = |m: RString| {
+            // "Nothing now" is all the return value can say; the host must still learn why
+            // its socket went quiet.
+            self.host.log(LogLevel::Error, &format!("plugin panicked in recv_pull, instance disabled: {m}"));
+            Some(0)
+        };
+        self.call(on_panic, |t| t.recv_pull(slots.as_mut_slice()))
             .unwrap_or_else(|e| e)
             .map(|filled| u32::try_from(filled.min(n)).unwrap_or(u32::MAX))
             .into()
@@ -240,10 +248,11 @@ pub fn open_guarded<T: Transport>(
     host: HostHandleBox,
     open: fn(&str, Host) -> Result<T, PluginError>,
 ) -> RResult<TransportInstanceBox, PluginError> {
+    let report = Host::new(host.clone());
     let opened = guard(|| {
         let t = open(config.as_str(), Host::new(host))?;
         let caps = t.capabilities();
-        Ok::<_, PluginError>(Guarded { inner: t, caps, disabled: AtomicBool::new(false) })
+        Ok::<_, PluginError>(Guarded { inner: t, caps, disabled: AtomicBool::new(false), host: report })
     });
     match opened {
         Ok(Ok(g)) => RResult::ROk(TransportInstance_TO::from_value(g, TD_Opaque)),

@@ -1,14 +1,15 @@
-//! A UDP-scheme transport whose `send` panics. Everything else behaves, so the host can
-//! open it, and the panic surfaces exactly where a buggy plugin's would.
+//! A UDP-scheme transport whose `send` and `recv_pull` panic. Everything else behaves, so
+//! the host can open it, and the panic surfaces exactly where a buggy plugin's would.
 
 use abi_stable as _;
 use antmesh_plugin_api::{
-    Capabilities, Duplex, Framing, Host, LatencyClass, LinkAddr, PluginError, Reliability, SendError, Transport,
+    Capabilities, Duplex, Framing, Host, LatencyClass, LinkAddr, PluginError, RecvSlot, Reliability, SendError,
+    Transport,
 };
 
 antmesh_plugin_api::export_transport! {
     name: "panicking",
-    description: "test plugin: send panics",
+    description: "test plugin: send and recv_pull panic",
     schemes: ["udp"],
     capabilities: caps(),
     open: open,
@@ -35,6 +36,11 @@ impl Transport for Panicking {
     #[allow(clippy::panic)]
     fn send(&self, _to: &LinkAddr, _frame: &[u8]) -> Result<(), SendError> {
         panic!("deliberate panic in send")
+    }
+
+    #[allow(clippy::panic)]
+    fn recv_pull(&self, _slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+        panic!("deliberate panic in recv_pull")
     }
 
     fn close(&self) -> Result<(), PluginError> {
