@@ -45,7 +45,7 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> Result<(), PluginError>;
 
     /// Pull receiving, for plugins that can read in place (see
-    /// [`TransportInstance::recv_pull`](crate::contract::TransportInstance::recv_pull)):
+    /// [`TransportInstance::recv_pull`]):
     /// `None` (the default) if not supported, else how many slots were filled, `Some(0)`
     /// promising a [`Host::readable`] once something arrives.
     fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {

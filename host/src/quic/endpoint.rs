@@ -27,7 +27,7 @@ use crate::transport::{EventReceiver, SharedTransport};
 /// it is neither sent (no SNI) nor checked.
 const SERVER_NAME: &str = "antmesh";
 
-/// Client configurations kept per expected peer (see [`ConfigCache`]).
+/// Client configurations kept per expected peer (see `ConfigCache`).
 pub const CLIENT_CONFIG_CACHE: usize = 64;
 
 /// The first bytes of every application bidirectional stream, as ant-quic writes and

@@ -24,7 +24,7 @@
 //! ML-DSA-65 signing and verification, AES-128-GCM, AES-128 header protection, SHA-256,
 //! HMAC): same wire format, still no classical group or signature (rustls' own aws-lc
 //! provider is not used). The RustCrypto primitives stay available then, per configuration:
-//! [`Primitives`], [`client_config_with`], [`server_config_with`]. `backend.rs` says which
+//! `Primitives`, `client_config_with`, `server_config_with` (feature `aws-lc`). `backend.rs` says which
 //! library computes what.
 
 mod backend;
@@ -69,7 +69,7 @@ pub const PRIMITIVES: &str = <backend::DefaultBackend as backend::Backend>::NAME
 /// Which AES-128-GCM the pure-Rust primitives run on this CPU: `"graviola"` (x86-64 with
 /// AES-NI, PCLMULQDQ, AVX2, BMI1 and ADX, or AArch64 with the crypto extensions; about 4× the
 /// other in bulk) or `"aes-gcm"` (RustCrypto, everywhere else). Same function either way.
-/// With the `aws-lc` feature this is still what [`Primitives::RustCrypto`] uses.
+/// With the `aws-lc` feature this is still what `Primitives::RustCrypto` uses.
 pub fn aes_gcm_implementation() -> &'static str {
     rustcrypto::GcmKey::new(&[0u8; backend::AES_128_KEY_LEN]).map_or("aes-gcm", |key| key.implementation())
 }

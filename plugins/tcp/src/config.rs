@@ -36,7 +36,7 @@ pub struct Config {
     /// Peers to dial at open and to redial, with backoff, whenever the connection is lost.
     pub connect: Vec<SocketAddr>,
     /// Largest frame payload in bytes, both ways: larger outbound frames are refused and a
-    /// peer announcing a larger frame is disconnected. At most [`MAX_MTU`].
+    /// peer announcing a larger frame is disconnected. At most 16 MiB (`MAX_MTU`).
     pub mtu: u32,
     /// Frames each connection may queue before `send` returns `WouldBlock`.
     pub queue_frames: usize,

@@ -1,7 +1,7 @@
 //! The antmesh TCP transport plugin (`tcp://ip:port`).
 //!
 //! Each instance listens and/or dials configured peers; every connection carries frames
-//! with a u32 big-endian length prefix. One I/O thread per instance ([`reactor`]) runs a mio
+//! with a u32 big-endian length prefix. One I/O thread per instance (`reactor`) runs a mio
 //! event loop over all sockets; `send` only queues into the peer's bounded outbox, so it never
 //! blocks and reports `WouldBlock` when a peer cannot keep up. Dialled peers are redialled
 //! with exponential backoff whenever their connection fails or closes.

@@ -1,7 +1,7 @@
 //! The UDP transport plugin: datagrams over one IPv4 or IPv6 socket, optional broadcast.
 //!
 //! One I/O thread per instance runs a `mio` loop over the socket and a waker. `send` and
-//! `send_batch` only copy the datagrams into a bounded [`SendQueue`] (a batch for one
+//! `send_batch` only copy the datagrams into a bounded `SendQueue` (a batch for one
 //! destination becomes one run: one buffer, one lock, at most one wake); the loop drains it
 //! into the socket with `sendmmsg`, a run of equal-size datagrams as one segmentation
 //! offload send (`UDP_SEGMENT`) where the kernel has it, and parks on the socket's
@@ -10,7 +10,7 @@
 //! with `recvmmsg` (with receive offload, `UDP_GRO`, a train of datagrams per slot) and
 //! handed to the host one call's worth per `deliver` — or, once the host pulls
 //! (`recv_pull`, what its QUIC socket does), read on the host's own thread straight into its
-//! buffers, the I/O thread only saying `readable` when the host waits. See [`batch`] for the
+//! buffers, the I/O thread only saying `readable` when the host waits. See `batch` for the
 //! system calls and their portable fallback.
 
 use std::io;
