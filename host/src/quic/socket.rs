@@ -591,6 +591,10 @@ mod tests {
         sent: Mutex<Vec<Vec<usize>>>,
         /// Frames the next calls take (`None`: all), and the error past them.
         take: Mutex<Option<(usize, SendError)>>,
+        /// `Some`: the transport pulls, and these are waiting (sender, bytes, stride); a pull
+        /// that finds none arms `armed`.
+        pullable: Mutex<Option<VecDeque<(LinkAddr, Vec<u8>, u32)>>>,
+        armed: AtomicBool,
     }
 
     impl Mock {
@@ -645,6 +649,24 @@ mod tests {
         }
         fn close(&self) -> Result<(), CloseError> {
             Ok(())
+        }
+        fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
+            let mut pullable = lock(&self.pullable);
+            let waiting = pullable.as_mut()?;
+            let mut n = 0;
+            while n < slots.len() {
+                let Some((from, data, stride)) = waiting.pop_front() else { break };
+                let slot = &mut slots[n];
+                slot.buf.as_mut_slice()[..data.len()].copy_from_slice(&data);
+                slot.from = from;
+                slot.len = data.len() as u32;
+                slot.stride = stride;
+                n += 1;
+            }
+            if n == 0 {
+                self.armed.store(true, Ordering::SeqCst);
+            }
+            Some(n)
         }
     }
 
@@ -748,6 +770,45 @@ mod tests {
         let Poll::Ready(Ok(n)) = s.poll_recv(&mut cx, &mut bufs, &mut meta) else { panic!("nothing received") };
         assert_eq!((n, meta[0].len, meta[1].len), (2, 100, 50));
         assert_eq!(s.dropped(), 1);
+    }
+
+    /// With a pulling transport, quinn's slots are filled by the transport itself: trains
+    /// keep their stride, what was delivered before the first pull goes first, an empty pull
+    /// leaves the driver waiting, and `Readable` brings it back.
+    #[test]
+    fn a_pulling_transport_fills_quinn_slots_itself() {
+        let (s, mock, tx) = socket();
+        let a = LinkAddr::from(peer());
+        *lock(&mock.pullable) = Some(VecDeque::from([(a.clone(), vec![9u8; 3 * 1200 + 40], 1200)]));
+        // Delivered before the transport was first pulled: handed over first.
+        tx.try_send(TransportEvent::Frames([(a.clone(), vec![1u8; 300])].into_iter().collect())).unwrap();
+        let Poll::Ready(Ok(meta)) = poll_recv(&s, 4) else { panic!("nothing received") };
+        assert_eq!(meta.iter().map(|m| (m.len, m.stride)).collect::<Vec<_>>(), vec![(300, 300)]);
+        let Poll::Ready(Ok(meta)) = poll_recv(&s, 4) else { panic!("nothing pulled") };
+        assert_eq!(meta.iter().map(|m| (m.addr, m.len, m.stride)).collect::<Vec<_>>(), vec![(peer(), 3640, 1200)]);
+        // Nothing left: the transport is armed and the driver waits.
+        assert!(poll_recv(&s, 4).is_pending());
+        assert!(mock.armed.load(Ordering::SeqCst));
+        // Something arrives and the transport says so.
+        lock(&mock.pullable).as_mut().unwrap().push_back((a, vec![5u8; 80], 80));
+        tx.try_send(TransportEvent::Readable).unwrap();
+        let Poll::Ready(Ok(meta)) = poll_recv(&s, 4) else { panic!("readable did not lead to a pull") };
+        assert_eq!(meta.iter().map(|m| m.len).collect::<Vec<_>>(), vec![80]);
+    }
+
+    /// A slot the transport leaves empty (a datagram it dropped) or fills from a non-IP
+    /// sender reaches quinn as an empty slot, which quinn skips; a zero stride is the length.
+    #[test]
+    fn odd_pulled_slots_are_harmless_to_quinn() {
+        let (s, mock, _tx) = socket();
+        let named = LinkAddr::Named("not-ip".into());
+        *lock(&mock.pullable) = Some(VecDeque::from([
+            (LinkAddr::from(peer()), Vec::new(), 0),
+            (named, vec![1u8; 10], 10),
+            (LinkAddr::from(peer()), vec![2u8; 70], 0),
+        ]));
+        let Poll::Ready(Ok(meta)) = poll_recv(&s, 4) else { panic!("nothing pulled") };
+        assert_eq!(meta.iter().map(|m| (m.len, m.stride)).collect::<Vec<_>>(), vec![(0, 0), (0, 10), (70, 70)]);
     }
 
     #[test]
