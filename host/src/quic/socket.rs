@@ -584,6 +584,9 @@ mod tests {
 
     const LOCAL: ([u8; 4], u16) = ([127, 0, 0, 1], 4000);
 
+    /// A datagram (or train) waiting for a pull: sender, bytes, stride.
+    type Pullable = (LinkAddr, Vec<u8>, u32);
+
     /// A transport that records what it is given and takes as many frames as told.
     #[derive(Default)]
     struct Mock {
@@ -593,7 +596,7 @@ mod tests {
         take: Mutex<Option<(usize, SendError)>>,
         /// `Some`: the transport pulls, and these are waiting (sender, bytes, stride); a pull
         /// that finds none arms `armed`.
-        pullable: Mutex<Option<VecDeque<(LinkAddr, Vec<u8>, u32)>>>,
+        pullable: Mutex<Option<VecDeque<Pullable>>>,
         armed: AtomicBool,
     }
 
