@@ -15,13 +15,17 @@ fn copy_into(dir: &std::path::Path, file: &std::path::Path) {
     std::fs::copy(file, dir.join(file.file_name().unwrap())).unwrap();
 }
 
+/// Loads a plugin directory holding test plugin `name` and the workspace's udp plugin.
+fn load_beside_udp(name: &str) -> loader::PluginSet {
+    let dir = tempfile::tempdir().unwrap();
+    copy_into(dir.path(), &common::test_plugin_file(name));
+    copy_into(dir.path(), &common::plugin_file("udp"));
+    loader::load_dir(dir.path()).unwrap()
+}
+
 #[test]
 fn plugin_built_against_another_major_abi_is_refused_and_others_keep_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    copy_into(dir.path(), &common::test_plugin_file("test_abi_next"));
-    copy_into(dir.path(), &common::plugin_file("udp"));
-
-    let set = loader::load_dir(dir.path()).unwrap();
+    let set = load_beside_udp("test_abi_next");
     assert_eq!(set.plugins.len(), 1, "only udp loads: {:?}", set.errors);
     assert_eq!(set.plugins[0].name(), "udp");
     assert_eq!(set.errors.len(), 1);
@@ -196,10 +200,7 @@ mod sha2_free {
 /// what to rebuild against, and keeps serving the rest.
 #[test]
 fn plugin_built_against_an_older_abi_of_the_series_is_refused_with_what_to_rebuild_against() {
-    let dir = tempfile::tempdir().unwrap();
-    copy_into(dir.path(), &common::test_plugin_file("test_abi_prev"));
-    copy_into(dir.path(), &common::plugin_file("udp"));
-    let set = loader::load_dir(dir.path()).unwrap();
+    let set = load_beside_udp("test_abi_prev");
     assert_eq!(set.plugins.len(), 1, "only udp loads: {:?}", set.errors);
     match &set.errors[..] {
         [PluginLoadError::AbiMismatch { expected, found, .. }] => {

@@ -1,10 +1,7 @@
 //! A loopback transport built against the next major plugin ABI. Its code is ordinary; the
 //! point is the version it was compiled against, which the host must refuse at load time.
 
-use abi_stable as _;
-use antmesh_plugin_api::{
-    Capabilities, Duplex, Framing, Host, LatencyClass, LinkAddr, PluginError, Reliability, SendError, Transport,
-};
+include!("../../loopback.rs");
 
 antmesh_plugin_api::export_transport! {
     name: "abi-next",
@@ -12,47 +9,4 @@ antmesh_plugin_api::export_transport! {
     schemes: ["pipe"],
     capabilities: caps(),
     open: open,
-}
-
-struct Loopback {
-    host: Host,
-}
-
-fn open(_config: &str, host: Host) -> Result<Loopback, PluginError> {
-    Ok(Loopback { host })
-}
-
-impl Transport for Loopback {
-    fn capabilities(&self) -> Capabilities {
-        caps()
-    }
-
-    fn local_addresses(&self) -> Vec<String> {
-        vec!["pipe://loopback".to_owned()]
-    }
-
-    fn send(&self, to: &LinkAddr, frame: &[u8]) -> Result<(), SendError> {
-        self.host.deliver_one(to.clone(), frame);
-        Ok(())
-    }
-
-    fn close(&self) -> Result<(), PluginError> {
-        Ok(())
-    }
-}
-
-fn caps() -> Capabilities {
-    Capabilities {
-        mtu: 1500,
-        bitrate_bps: 0,
-        latency: LatencyClass::Lan,
-        broadcast: false,
-        duplex: Duplex::Full,
-        reliability: Reliability::ReliableOrdered,
-        framing: Framing::Datagram,
-        link_layer_acks: false,
-        metered: false,
-        power_constrained: false,
-        peer_liveness: false,
-    }
 }

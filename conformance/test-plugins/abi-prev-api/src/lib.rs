@@ -89,27 +89,3 @@ const fn parse_pkg_version(s: &str) -> AbiVersion {
 
 /// The ABI version this copy of the contract speaks (this crate's package version).
 pub const ABI_VERSION: AbiVersion = parse_pkg_version(env!("CARGO_PKG_VERSION"));
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn abi_version_matches_package() {
-        assert_eq!(ABI_VERSION.to_string(), env!("CARGO_PKG_VERSION"));
-    }
-
-    #[test]
-    fn compatibility_rules() {
-        let v = |s| AbiVersion::parse(s).unwrap();
-        assert!(v("0.1.0").accepts(v("0.1.3")));
-        assert!(!v("0.1.3").accepts(v("0.1.0")));
-        assert!(!v("0.1.0").accepts(v("0.2.0")));
-        assert!(!v("0.1.0").accepts(v("1.0.0")));
-        assert!(v("1.2.0").accepts(v("1.4.0")));
-        assert!(!v("1.2.0").accepts(v("1.1.9")));
-        assert!(!v("1.0.0").accepts(v("2.0.0")));
-        assert_eq!(AbiVersion::parse("1.2"), None);
-        assert_eq!(AbiVersion::parse("1.2.3.4"), None);
-    }
-}
