@@ -31,6 +31,7 @@
 //! | stateless reset tokens | HMAC-SHA256 under a random 64-byte key |
 //! | Retry / NEW_TOKEN tokens | HKDF-SHA256 (`hkdf`) from a random 64-byte key → a per-token AES-256-GCM key |
 //! | ALPN, SNI, resumption, 0-RTT | none: every connection is a full, signed handshake |
+//! | after the handshake | the rustls connection is dropped; the peer's key, [`HandshakeData`], transport parameters, next 1-RTT secrets and the RFC 9266 channel binding ([`CHANNEL_BINDING_LABEL`]) are kept; tickets are skipped, other messages refused ([`PostHandshakeReader`]) |
 //!
 //! The server name given to `Endpoint::connect` must be a syntactically valid name (as with
 //! quinn's own glue) but is neither sent (SNI is off) nor checked: a node is who its key says.
@@ -62,8 +63,11 @@ use zeroize::Zeroizing;
 use crate::identity::{Identity, PeerId, PublicIdentity};
 use crate::tls::{self, PeerVerifyError, TlsConfigError};
 
+mod post_handshake;
 #[cfg(test)]
 mod tests;
+
+pub use post_handshake::{PostHandshakeError, PostHandshakeReader, MAX_MESSAGE_LEN as MAX_POST_HANDSHAKE_MESSAGE_LEN};
 
 type GcmNonce = aes_gcm::Nonce<<Aes128Gcm as aes_gcm::AeadCore>::NonceSize>;
 type GcmTag = aes_gcm::Tag<<Aes128Gcm as aes_gcm::AeadCore>::TagSize>;
@@ -416,33 +420,112 @@ fn retry_is_valid(version: Version, orig_dst_cid: &ConnectionId, header: &[u8], 
 // The session
 
 /// A TLS 1.3 session inside QUIC (quinn-proto's `TlsSession`, minus 0-RTT).
+///
+/// Once the handshake is over and rustls has nothing left to send, the rustls connection is
+/// dropped ([`TlsSession::retire`]) and only what quinn still asks for is kept
+/// ([`Finished`]): rustls keeps the buffer it reassembled the peer's flight in (5–7 KB with
+/// ML-DSA-65 keys and signatures) for as long as the connection lives, and an idle
+/// connection should not pay for its handshake.
 struct TlsSession {
     version: Version,
     /// Initial packet keys (the suite of the config's provider).
     initial: Suite,
     /// Set once `handshake_data` is available (quinn polls `read_handshake`'s `true`).
     got_handshake_data: bool,
+    /// The secrets of the next 1-RTT key phase: key updates need nothing else from TLS.
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    state: SessionState,
 }
+
+/// The rustls connection is boxed (over 1 KB) so that a finished session, which quinn keeps
+/// for the connection's lifetime, is only as large as [`Finished`].
+enum SessionState {
+    /// The handshake, until rustls is done with it.
+    Handshaking(Box<Connection>),
+    /// After it.
+    Finished(Finished),
+}
+
+/// What a session keeps once its handshake is over.
+struct Finished {
+    side: Side,
+    handshake: HandshakeData,
+    /// The peer's SPKI, as rustls gave it (`peer_identity`).
+    peer: Option<Vec<CertificateDer<'static>>>,
+    /// The peer's transport parameters, encoded (read again when quinn asks).
+    params: Option<Vec<u8>>,
+    early_data_accepted: Option<bool>,
+    /// The RFC 9266 `tls-exporter` channel binding, the one exporter value kept.
+    channel_binding: Option<[u8; CHANNEL_BINDING_LEN]>,
+    /// NewSessionTickets from a server are skipped; anything else is refused.
+    post_handshake: PostHandshakeReader,
+}
+
+/// The exporter label of RFC 9266 channel bindings (`tls-exporter`), with an empty context.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+/// Bytes of the RFC 9266 channel binding.
+pub const CHANNEL_BINDING_LEN: usize = 32;
 
 impl TlsSession {
     fn new(version: Version, initial: Suite, inner: Connection) -> Self {
-        TlsSession { version, initial, got_handshake_data: false, next_secrets: None, inner }
+        TlsSession {
+            version,
+            initial,
+            got_handshake_data: false,
+            next_secrets: None,
+            state: SessionState::Handshaking(Box::new(inner)),
+        }
+    }
+
+    /// Drops the rustls connection once the handshake is complete and rustls has handed
+    /// over everything it had to send, keeping what [`qc::Session`] still needs. After this
+    /// the session cannot export keying material except the RFC 9266 channel binding.
+    fn retire(&mut self) {
+        let SessionState::Handshaking(inner) = &self.state else {
+            return;
+        };
+        if inner.is_handshaking() || !self.got_handshake_data {
+            return;
+        }
+        let side = match **inner {
+            Connection::Client(_) => Side::Client,
+            Connection::Server(_) => Side::Server,
+        };
+        let channel_binding =
+            inner.export_keying_material([0u8; CHANNEL_BINDING_LEN], CHANNEL_BINDING_LABEL, Some(&[])).ok();
+        let finished = Finished {
+            side,
+            handshake: HandshakeData {
+                key_exchange_group: inner.negotiated_key_exchange_group().map(|g| g.name()),
+                cipher_suite: inner.negotiated_cipher_suite().map(|s| s.suite()),
+            },
+            peer: inner.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+            params: inner.quic_transport_parameters().map(<[u8]>::to_vec),
+            early_data_accepted: match &**inner {
+                Connection::Client(session) => Some(session.is_early_data_accepted()),
+                Connection::Server(_) => None,
+            },
+            channel_binding,
+            post_handshake: PostHandshakeReader::new(side == Side::Client),
+        };
+        self.state = SessionState::Finished(finished);
     }
 
     fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+        match &self.state {
+            SessionState::Handshaking(inner) => match **inner {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            SessionState::Finished(f) => f.side,
         }
     }
 
     /// The QUIC error for a failed handshake: `crypto(alert)` if TLS sent an alert (the
     /// reason naming the server's PeerId when it was the wrong one), else
     /// PROTOCOL_VIOLATION.
-    fn handshake_error(&self, error: &rustls::Error) -> TransportError {
-        let Some(alert) = self.inner.alert() else {
+    fn handshake_error(inner: &Connection, error: &rustls::Error) -> TransportError {
+        let Some(alert) = inner.alert() else {
             return TransportError {
                 code: TransportErrorCode::PROTOCOL_VIOLATION,
                 frame: None,
@@ -466,18 +549,25 @@ impl qc::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
-        Some(Box::new(HandshakeData {
-            key_exchange_group: self.inner.negotiated_key_exchange_group().map(|g| g.name()),
-            cipher_suite: self.inner.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(Box::new(match &self.state {
+            SessionState::Handshaking(inner) => HandshakeData {
+                key_exchange_group: inner.negotiated_key_exchange_group().map(|g| g.name()),
+                cipher_suite: inner.negotiated_cipher_suite().map(|s| s.suite()),
+            },
+            SessionState::Finished(f) => f.handshake.clone(),
         }))
     }
 
     /// `Vec<CertificateDer<'static>>`: the peer's SPKI, set by rustls only after the peer's
     /// CertificateVerify was checked.
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|certificates| -> Box<dyn Any> {
-            Box::new(certificates.iter().map(|c| c.clone().into_owned()).collect::<Vec<CertificateDer<'static>>>())
-        })
+        let peer = match &self.state {
+            SessionState::Handshaking(inner) => {
+                inner.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            }
+            SessionState::Finished(f) => f.peer.clone(),
+        };
+        peer.map(|certificates: Vec<CertificateDer<'static>>| -> Box<dyn Any> { Box::new(certificates) })
     }
 
     /// 0-RTT is off (no resumption), so there are never early keys.
@@ -486,28 +576,47 @@ impl qc::Session for TlsSession {
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
-            Connection::Server(_) => None,
+        match &self.state {
+            SessionState::Handshaking(inner) => match &**inner {
+                Connection::Client(session) => Some(session.is_early_data_accepted()),
+                Connection::Server(_) => None,
+            },
+            SessionState::Finished(f) => f.early_data_accepted,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        match &self.state {
+            SessionState::Handshaking(inner) => inner.is_handshaking(),
+            SessionState::Finished(_) => false,
+        }
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        if let Err(e) = self.inner.read_hs(buf) {
-            return Err(self.handshake_error(&e));
+        let inner = match &mut self.state {
+            SessionState::Handshaking(inner) => inner,
+            SessionState::Finished(f) => {
+                return match f.post_handshake.read(buf) {
+                    Ok(()) => Ok(false),
+                    Err(e) => Err(TransportError {
+                        code: TransportErrorCode::crypto(e.alert().into()),
+                        frame: None,
+                        reason: e.to_string(),
+                    }),
+                };
+            }
+        };
+        if let Err(e) = inner.read_hs(buf) {
+            return Err(Self::handshake_error(inner, &e));
         }
         if !self.got_handshake_data {
             // rustls gives no explicit signal; with neither ALPN nor SNI in use this is the
             // end of the handshake (quinn's own test, kept for SNI from other clients).
-            let have_server_name = match self.inner {
+            let have_server_name = match &**inner {
                 Connection::Client(_) => false,
-                Connection::Server(ref session) => session.server_name().is_some(),
+                Connection::Server(session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -516,18 +625,32 @@ impl qc::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let params = match &self.state {
+            SessionState::Handshaking(inner) => inner.quic_transport_parameters(),
+            SessionState::Finished(f) => f.params.as_deref(),
+        };
+        match params {
             None => Ok(None),
             Some(buf) => Ok(Some(TransportParameters::read(self.side(), &mut io::Cursor::new(buf))?)),
         }
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
-            KeyChange::Handshake { keys } => keys,
-            KeyChange::OneRtt { keys, next } => {
+        let SessionState::Handshaking(inner) = &mut self.state else {
+            return None;
+        };
+        let keys = match inner.write_hs(buf) {
+            Some(KeyChange::Handshake { keys }) => keys,
+            Some(KeyChange::OneRtt { keys, next }) => {
                 self.next_secrets = Some(next);
                 keys
+            }
+            None => {
+                // rustls has handed over all it had to send: if the handshake is also over,
+                // nothing of it is needed any more (quinn reads the transport parameters and
+                // handshake data afterwards, from what `retire` keeps).
+                self.retire();
+                return None;
             }
         };
         Some(Keys {
@@ -551,13 +674,27 @@ impl qc::Session for TlsSession {
         retry_is_valid(self.version, orig_dst_cid, header, payload)
     }
 
+    /// Any exporter during the handshake; after it, only the RFC 9266 channel binding
+    /// ([`CHANNEL_BINDING_LABEL`], empty context, [`CHANNEL_BINDING_LEN`] bytes): the
+    /// session no longer holds the TLS key schedule then.
     fn export_keying_material(
         &self,
         output: &mut [u8],
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
-        self.inner.export_keying_material(output, label, Some(context)).map_err(|_| ExportKeyingMaterialError)?;
+        match &self.state {
+            SessionState::Handshaking(inner) => {
+                inner.export_keying_material(output, label, Some(context)).map_err(|_| ExportKeyingMaterialError)?;
+            }
+            SessionState::Finished(f) => {
+                let binding = f.channel_binding.as_ref().ok_or(ExportKeyingMaterialError)?;
+                if label != CHANNEL_BINDING_LABEL || !context.is_empty() || output.len() != binding.len() {
+                    return Err(ExportKeyingMaterialError);
+                }
+                output.copy_from_slice(binding);
+            }
+        }
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::crypto::HmacKey;
+use quinn::crypto::{HmacKey, Session as _};
 use quinn::{ConnectionError, Endpoint, EndpointConfig, ServerConfig, TokioRuntime};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -359,4 +359,134 @@ fn configs_build_and_errors_read_well() {
     assert!(client_crypto(&id, Some(identity(6).peer_id())).is_ok());
     assert!(server_crypto(&id).is_ok());
     assert_eq!(QuicCryptoError::Rng.to_string(), "the operating system's random number generator failed");
+}
+
+// ---------------------------------------------------------------------------------------
+// After the handshake: the rustls connection is dropped, the session keeps what quinn asks
+
+/// Moves everything `from` has to send into `to`, as quinn does with CRYPTO frames: in
+/// order, one piece per encryption level (rustls refuses a read that spans a key change).
+/// Returns the bytes moved.
+fn pump(from: &mut TlsSession, to: &mut TlsSession) -> usize {
+    let mut moved = 0;
+    loop {
+        let mut buf = Vec::new();
+        let keys = from.write_handshake(&mut buf);
+        if !buf.is_empty() {
+            to.read_handshake(&buf).unwrap();
+        }
+        moved += buf.len();
+        if keys.is_none() && buf.is_empty() {
+            return moved;
+        }
+    }
+}
+
+/// A client session of `client` dialling `server`, and the server's session, handshaken in
+/// memory.
+fn handshaken(client: &Identity, server: &Identity) -> (TlsSession, TlsSession) {
+    let params = TransportParameters::read(Side::Server, &mut io::Cursor::new(&[][..])).unwrap();
+    let client_tls = Arc::new(tls::client_config(client, Some(server.peer_id())).unwrap());
+    let server_tls = Arc::new(tls::server_config(server).unwrap());
+    let name = ServerName::try_from("antmesh").unwrap();
+    let c = rustls::quic::ClientConnection::new(client_tls, Version::V1, name, transport_parameters(&params)).unwrap();
+    let s = rustls::quic::ServerConnection::new(server_tls, Version::V1, transport_parameters(&params)).unwrap();
+    let mut c = TlsSession::new(Version::V1, tls::quic_initial_suite(), Connection::Client(c));
+    let mut s = TlsSession::new(Version::V1, tls::quic_initial_suite(), Connection::Server(s));
+    while pump(&mut c, &mut s) + pump(&mut s, &mut c) > 0 {}
+    (c, s)
+}
+
+fn peer_id_of(session: &TlsSession) -> PeerId {
+    let certificates = session.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
+    tls::peer_identity(Some(&certificates)).unwrap().peer_id()
+}
+
+fn channel_binding(session: &TlsSession) -> [u8; CHANNEL_BINDING_LEN] {
+    let mut out = [0u8; CHANNEL_BINDING_LEN];
+    session.export_keying_material(&mut out, CHANNEL_BINDING_LABEL, b"").unwrap();
+    out
+}
+
+#[test]
+fn a_finished_session_drops_rustls_and_keeps_what_quinn_asks_for() {
+    let (client_id, server_id) = (identity(1), identity(2));
+    let (mut c, mut s) = handshaken(&client_id, &server_id);
+    for session in [&c, &s] {
+        assert!(matches!(session.state, SessionState::Finished(_)), "rustls connection dropped");
+        assert!(!session.is_handshaking());
+        let data = *session.handshake_data().unwrap().downcast::<HandshakeData>().unwrap();
+        assert_eq!(data.key_exchange_group, Some(NamedGroup::MLKEM768));
+        assert_eq!(data.cipher_suite, Some(CipherSuite::TLS13_AES_128_GCM_SHA256));
+        assert!(session.transport_parameters().unwrap().is_some());
+    }
+    assert_eq!(peer_id_of(&c), server_id.peer_id());
+    assert_eq!(peer_id_of(&s), client_id.peer_id());
+    assert_eq!(c.early_data_accepted(), Some(false));
+    assert_eq!(s.early_data_accepted(), None);
+    assert!(c.write_handshake(&mut Vec::new()).is_none());
+
+    // Key updates need only the kept secrets: the client's next key seals what the
+    // server's next key opens.
+    let (cn, sn) = (c.next_1rtt_keys().unwrap(), s.next_1rtt_keys().unwrap());
+    let header = [0x40u8, 1, 2, 3];
+    let mut packet = [&header[..], b"after a key update", &[0u8; 16][..]].concat();
+    cn.local.encrypt(7, &mut packet, header.len());
+    let mut payload = BytesMut::from(&packet[header.len()..]);
+    sn.remote.decrypt(7, &header, &mut payload).unwrap();
+    assert_eq!(&payload[..], b"after a key update");
+}
+
+#[test]
+fn a_finished_session_exports_the_channel_binding_only() {
+    let (c, s) = handshaken(&identity(1), &identity(2));
+    // Both ends derive it from their own key schedule: equal only if the handshake's
+    // secrets are.
+    assert_eq!(channel_binding(&c), channel_binding(&s));
+    assert_ne!(channel_binding(&c), [0u8; CHANNEL_BINDING_LEN]);
+    let (c2, _) = handshaken(&identity(1), &identity(2));
+    assert_ne!(channel_binding(&c), channel_binding(&c2), "fresh per connection");
+    let mut out = [0u8; CHANNEL_BINDING_LEN];
+    assert!(c.export_keying_material(&mut out, b"EXPORTER-other", b"").is_err());
+    assert!(c.export_keying_material(&mut out, CHANNEL_BINDING_LABEL, b"ctx").is_err());
+    assert!(c.export_keying_material(&mut [0u8; 16], CHANNEL_BINDING_LABEL, b"").is_err());
+}
+
+#[test]
+fn after_the_handshake_tickets_are_skipped_and_other_messages_refused() {
+    let (mut c, mut s) = handshaken(&identity(1), &identity(2));
+    // A NewSessionTicket from the server, cut into three CRYPTO frames.
+    let ticket = [&[4u8, 0, 0, 6][..], &[0, 0, 0, 60, 1, 2]].concat();
+    for piece in ticket.chunks(4) {
+        assert!(!c.read_handshake(piece).unwrap());
+    }
+    // KeyUpdate is forbidden in QUIC: unexpected_message, as rustls would answer.
+    let e = c.read_handshake(&[24, 0, 0, 1, 0]).unwrap_err();
+    assert_eq!(e.code, TransportErrorCode::crypto(u8::from(AlertDescription::UnexpectedMessage)));
+    // A client sends nothing after its Finished.
+    let e = s.read_handshake(&ticket).unwrap_err();
+    assert_eq!(e.code, TransportErrorCode::crypto(u8::from(AlertDescription::UnexpectedMessage)));
+}
+
+#[tokio::test]
+async fn quinn_connections_export_the_channel_binding_after_the_handshake() {
+    let (client_id, server_id) = (identity(1), identity(2));
+    let (tx, mut rx) = mpsc::unbounded_channel::<[u8; CHANNEL_BINDING_LEN]>();
+    let (_server, addr) = server(&server_id, false, Arc::default(), move |conn| {
+        let tx = tx.clone();
+        async move {
+            let mut out = [0u8; CHANNEL_BINDING_LEN];
+            conn.export_keying_material(&mut out, CHANNEL_BINDING_LABEL, b"").unwrap();
+            tx.send(out).unwrap();
+            conn.closed().await;
+        }
+    });
+    let client = client_endpoint();
+    let conn = dial(&client, &client_id, Some(server_id.peer_id()), addr, None).await.unwrap();
+    let mut out = [0u8; CHANNEL_BINDING_LEN];
+    conn.export_keying_material(&mut out, CHANNEL_BINDING_LABEL, b"").unwrap();
+    assert_eq!(timeout(T, rx.recv()).await.unwrap().unwrap(), out);
+    assert!(conn.export_keying_material(&mut out, b"EXPORTER-other", b"").is_err());
+    conn.close(0u32.into(), b"done");
+    timeout(T, client.wait_idle()).await.unwrap();
 }
