@@ -487,25 +487,16 @@ impl TlsSession {
         if inner.is_handshaking() || !self.got_handshake_data {
             return;
         }
-        let side = match **inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
-        };
-        let channel_binding =
-            inner.export_keying_material([0u8; CHANNEL_BINDING_LEN], CHANNEL_BINDING_LABEL, Some(&[])).ok();
+        let side = side_of(inner);
         let finished = Finished {
             side,
-            handshake: HandshakeData {
-                key_exchange_group: inner.negotiated_key_exchange_group().map(|g| g.name()),
-                cipher_suite: inner.negotiated_cipher_suite().map(|s| s.suite()),
-            },
-            peer: inner.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+            handshake: handshake_data_of(inner),
+            peer: peer_certificates_of(inner),
             params: inner.quic_transport_parameters().map(<[u8]>::to_vec),
-            early_data_accepted: match &**inner {
-                Connection::Client(session) => Some(session.is_early_data_accepted()),
-                Connection::Server(_) => None,
-            },
-            channel_binding,
+            early_data_accepted: early_data_accepted_of(inner),
+            channel_binding: inner
+                .export_keying_material([0u8; CHANNEL_BINDING_LEN], CHANNEL_BINDING_LABEL, Some(&[]))
+                .ok(),
             post_handshake: PostHandshakeReader::new(side == Side::Client),
         };
         self.state = SessionState::Finished(finished);
@@ -513,10 +504,7 @@ impl TlsSession {
 
     fn side(&self) -> Side {
         match &self.state {
-            SessionState::Handshaking(inner) => match **inner {
-                Connection::Client(_) => Side::Client,
-                Connection::Server(_) => Side::Server,
-            },
+            SessionState::Handshaking(inner) => side_of(inner),
             SessionState::Finished(f) => f.side,
         }
     }
@@ -540,6 +528,31 @@ impl TlsSession {
     }
 }
 
+fn side_of(inner: &Connection) -> Side {
+    match inner {
+        Connection::Client(_) => Side::Client,
+        Connection::Server(_) => Side::Server,
+    }
+}
+
+fn handshake_data_of(inner: &Connection) -> HandshakeData {
+    HandshakeData {
+        key_exchange_group: inner.negotiated_key_exchange_group().map(|g| g.name()),
+        cipher_suite: inner.negotiated_cipher_suite().map(|s| s.suite()),
+    }
+}
+
+fn peer_certificates_of(inner: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+    inner.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+}
+
+fn early_data_accepted_of(inner: &Connection) -> Option<bool> {
+    match inner {
+        Connection::Client(session) => Some(session.is_early_data_accepted()),
+        Connection::Server(_) => None,
+    }
+}
+
 impl qc::Session for TlsSession {
     fn initial_keys(&self, dst_cid: &ConnectionId, side: Side) -> Keys {
         initial_keys(self.initial, self.version, dst_cid, side)
@@ -550,10 +563,7 @@ impl qc::Session for TlsSession {
             return None;
         }
         Some(Box::new(match &self.state {
-            SessionState::Handshaking(inner) => HandshakeData {
-                key_exchange_group: inner.negotiated_key_exchange_group().map(|g| g.name()),
-                cipher_suite: inner.negotiated_cipher_suite().map(|s| s.suite()),
-            },
+            SessionState::Handshaking(inner) => handshake_data_of(inner),
             SessionState::Finished(f) => f.handshake.clone(),
         }))
     }
@@ -562,9 +572,7 @@ impl qc::Session for TlsSession {
     /// CertificateVerify was checked.
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
         let peer = match &self.state {
-            SessionState::Handshaking(inner) => {
-                inner.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            }
+            SessionState::Handshaking(inner) => peer_certificates_of(inner),
             SessionState::Finished(f) => f.peer.clone(),
         };
         peer.map(|certificates: Vec<CertificateDer<'static>>| -> Box<dyn Any> { Box::new(certificates) })
@@ -577,10 +585,7 @@ impl qc::Session for TlsSession {
 
     fn early_data_accepted(&self) -> Option<bool> {
         match &self.state {
-            SessionState::Handshaking(inner) => match &**inner {
-                Connection::Client(session) => Some(session.is_early_data_accepted()),
-                Connection::Server(_) => None,
-            },
+            SessionState::Handshaking(inner) => early_data_accepted_of(inner),
             SessionState::Finished(f) => f.early_data_accepted,
         }
     }
