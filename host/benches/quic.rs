@@ -529,6 +529,47 @@ async fn handshakes(s: &mut Stack, n: usize, r: &mut Results) {
     wait_drained(s).await;
 }
 
+/// Handshake p50s of plain quinn and stack `x` measured turn about, one handshake of each
+/// in turn: the machine's drift over a run (minutes apart, A and D came out 0.53 and 0.60 ms
+/// for the same code) then weighs on both alike, and the ratio is steadier than one of two
+/// separate runs.
+struct Interleaved {
+    name: &'static str,
+    plain_client: f64,
+    x_client: f64,
+    plain_both: f64,
+    x_both: f64,
+}
+
+async fn interleaved(mut a: Stack, mut x: Stack, n: usize) -> Interleaved {
+    for _ in 0..WARMUP {
+        for s in [&mut a, &mut x] {
+            let (_, _, c, _sc) = handshake(s).await;
+            c.close(0u32.into(), b"");
+        }
+    }
+    wait_drained(&a).await;
+    wait_drained(&x).await;
+    let mut times: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
+    for _ in 0..n {
+        for (s, (client, both)) in [&mut a, &mut x].into_iter().zip(times.iter_mut()) {
+            let (tc, tb, c, _sc) = handshake(s).await;
+            client.push(tc);
+            both.push(tb);
+            c.close(0u32.into(), b"");
+        }
+    }
+    wait_drained(&a).await;
+    wait_drained(&x).await;
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        ms(percentile(&v, 50.0))
+    };
+    let [(ac, ab), (xc, xb)] = &times;
+    Interleaved { name: x.name, plain_client: p50(ac), x_client: p50(xc), plain_both: p50(ab), x_both: p50(xb) }
+}
+
 /// What an antmesh connection negotiated (quinn's rustls glue does not expose it).
 fn suite_name(c: &Connection) -> Option<String> {
     let data = c.handshake_data()?;
@@ -1190,7 +1231,7 @@ fn main() {
     }
 
     let plugins = udp_plugin();
-    let results: Vec<Results> = rt.block_on(async {
+    let (results, turns): (Vec<Results>, Vec<Interleaved>) = rt.block_on(async {
         println!("\nHandshake traces (datagram sizes at the server's socket):");
         trace("A plain", plain.server, plain.client, "localhost", EndpointConfig::default()).await;
         let q = pq_crypto(&identity(1), &identity(2));
@@ -1212,6 +1253,14 @@ fn main() {
         if wanted('D') {
             out.push(run_stack(stack_d(), n, mib).await);
         }
+        let mut turns = Vec::new();
+        if wanted('A') && wanted('B') {
+            turns.push(interleaved(stack_a(), stack_b(), n).await);
+        }
+        #[cfg(feature = "aws-lc")]
+        if wanted('A') && wanted('D') {
+            turns.push(interleaved(stack_a(), stack_d(), n).await);
+        }
         if wanted('C') {
             match &plugins {
                 Ok(set) => {
@@ -1221,7 +1270,7 @@ fn main() {
                 Err(e) => eprintln!("stack C skipped: {e}"),
             }
         }
-        out
+        (out, turns)
     });
 
     println!("\nResults (handshake ms over {n} fresh connections, no resumption; client = connect() until established, both = until the server has it too):");
@@ -1309,6 +1358,18 @@ fn main() {
         println!("  handshake p50 aws-lc/plain  {q:>6.3}  (target ≤ 1.2: {})", verdict(q <= 1.2));
         let q = d.p(&d.hs_both, 50.0) / a.p(&a.hs_both, 50.0);
         println!("  (both-sides p50 aws-lc/plain {q:.3}; CPU per handshake aws-lc/plain {:.3})", d.cpu_per_hs.as_secs_f64() / a.cpu_per_hs.as_secs_f64());
+    }
+    for t in &turns {
+        let target = if t.name == "D aws-lc" { 1.2 } else { 3.0 };
+        let q = t.x_client / t.plain_client;
+        println!(
+            "  handshake p50 {}/plain, turn about: {q:.3} (target ≤ {target}: {}); {:.3} against {:.3} ms; both sides {:.3}",
+            t.name,
+            verdict(q <= target),
+            t.x_client,
+            t.plain_client,
+            t.x_both / t.plain_both
+        );
     }
     if let (Some(b), Some(d)) = (get("B antmesh"), get("D aws-lc")) {
         let bulk = match (d.bulk_mb_s, b.bulk_mb_s) {
