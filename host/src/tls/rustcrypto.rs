@@ -40,7 +40,9 @@ impl Backend for RustCrypto {
     const HKDF_SHA256: &'static dyn Hkdf = &HkdfUsingHmac(&HmacSha256);
 
     type Aes128Gcm = GcmKey;
-    type Aes128 = aes::Aes128;
+    // Encryption only: QUIC header protection never decrypts a block, and the key schedule
+    // is half the size (it is kept per connection and direction).
+    type Aes128 = aes::Aes128Enc;
     type MlKemDecapsulationKey = DecapsulationKey;
     type MlDsaKey = Identity;
 
@@ -68,7 +70,7 @@ impl Backend for RustCrypto {
     }
 
     fn aes128_key(key: &[u8]) -> Option<Self::Aes128> {
-        aes::Aes128::new_from_slice(key).ok()
+        aes::Aes128Enc::new_from_slice(key).ok()
     }
 
     fn header_mask(key: &Self::Aes128, sample: &[u8; HP_SAMPLE_LEN]) -> Option<[u8; HP_MASK_LEN]> {

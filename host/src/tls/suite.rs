@@ -13,6 +13,7 @@
 //! which rustls never passes) produce an object whose every operation returns an error.
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use rustls::crypto::cipher::{
     make_tls13_aad, AeadKey, InboundOpaqueMessage, InboundPlainMessage, Iv, MessageDecrypter, MessageEncrypter, Nonce,
@@ -164,7 +165,7 @@ pub(crate) struct QuicAlgorithm<B>(PhantomData<fn() -> B>);
 
 impl<B: Backend> quic::Algorithm for QuicAlgorithm<B> {
     fn packet_key(&self, key: AeadKey, iv: Iv) -> Box<dyn quic::PacketKey> {
-        Box::new(QuicPacketKey::<B> { aead: B::aes128gcm_key(key.as_ref()), iv })
+        Box::new(QuicPacketKey::<B> { key, aead: OnceLock::new(), iv })
     }
 
     fn header_protection_key(&self, key: AeadKey) -> Box<dyn quic::HeaderProtectionKey> {
@@ -176,20 +177,28 @@ impl<B: Backend> quic::Algorithm for QuicAlgorithm<B> {
     }
 }
 
+/// The AES-GCM key schedule is built on first use: quinn derives the keys of the next 1-RTT
+/// key phase as soon as the current ones exist and keeps them for the connection's life, and
+/// most connections never update their keys (the schedule is 0.7–0.8 KB, two per end).
 struct QuicPacketKey<B: Backend> {
-    aead: Option<B::Aes128Gcm>,
+    key: AeadKey,
+    aead: OnceLock<Option<Box<B::Aes128Gcm>>>,
     iv: Iv,
 }
 
 impl<B: Backend> QuicPacketKey<B> {
+    fn aead(&self) -> Option<&B::Aes128Gcm> {
+        self.aead.get_or_init(|| B::aes128gcm_key(self.key.as_ref()).map(Box::new)).as_deref()
+    }
+
     fn seal(&self, nonce: [u8; 12], header: &[u8], payload: &mut [u8]) -> Result<quic::Tag, Error> {
-        let aead = self.aead.as_ref().ok_or(Error::EncryptError)?;
+        let aead = self.aead().ok_or(Error::EncryptError)?;
         let tag = B::aes128gcm_seal(aead, &nonce, header, payload).ok_or(Error::EncryptError)?;
         Ok(quic::Tag::from(&tag[..]))
     }
 
     fn open<'a>(&self, nonce: [u8; 12], header: &[u8], payload: &'a mut [u8]) -> Result<&'a [u8], Error> {
-        let aead = self.aead.as_ref().ok_or(Error::DecryptError)?;
+        let aead = self.aead().ok_or(Error::DecryptError)?;
         let plain_len = payload.len().checked_sub(GCM_TAG_LEN).ok_or(Error::DecryptError)?;
         let (ciphertext, tag) = payload.split_at_mut(plain_len);
         let tag: &[u8; GCM_TAG_LEN] = (&*tag).try_into().map_err(|_| Error::DecryptError)?;
