@@ -71,6 +71,8 @@ use tokio::time::{sleep, timeout};
 use zeroize::Zeroizing;
 
 const WARMUP: usize = 10;
+/// Transfers per stack in a turn-about bulk measurement.
+const BULK_TURNS: u64 = 4;
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
 
@@ -625,15 +627,15 @@ async fn memory(s: &mut Stack, n: usize, r: &mut Results) {
     r.heap_second_round = Some((heap_second - heap_after) / n);
 }
 
-async fn bulk(s: &mut Stack, mib: u64, r: &mut Results) {
-    let (_, _, c, sc) = handshake(s).await;
-    let total = mib * MIB;
+/// Sends `bytes` on a new unidirectional stream of `c` and reads them from `sc`, the server
+/// side of the same connection; returns the wall time from opening the stream until the
+/// receiver saw its end.
+async fn transfer(name: &str, c: &Connection, sc: &Connection, bytes: u64) -> Duration {
     let chunk = Bytes::from(vec![0x5a_u8; MIB as usize]);
-    let cpu0 = cpu_time();
     let t0 = Instant::now();
     let mut send = c.open_uni().await.unwrap();
     let writer = tokio::spawn(async move {
-        let mut left = total;
+        let mut left = bytes;
         while left > 0 {
             let n = left.min(MIB);
             send.write_chunk(chunk.slice(..n as usize)).await.unwrap();
@@ -648,14 +650,49 @@ async fn bulk(s: &mut Stack, mib: u64, r: &mut Results) {
         got += ch.bytes.len() as u64;
     }
     let elapsed = t0.elapsed();
-    let cpu = cpu_time() - cpu0;
     let _send = writer.await.unwrap();
-    assert_eq!(got, total, "{}: bulk stream short", s.name);
+    assert_eq!(got, bytes, "{name}: bulk stream short");
+    elapsed
+}
+
+async fn bulk(s: &mut Stack, mib: u64, r: &mut Results) {
+    let (_, _, c, sc) = handshake(s).await;
+    let total = mib * MIB;
+    let cpu0 = cpu_time();
+    let elapsed = transfer(s.name, &c, &sc, total).await;
+    let cpu = cpu_time() - cpu0;
     r.bulk_mb_s = Some(total as f64 / 1e6 / elapsed.as_secs_f64());
     r.bulk_cpu_per_gib = Some(cpu.mul_f64(1024.0 / mib as f64));
     c.close(0u32.into(), b"");
     drop(sc);
     wait_drained(s).await;
+}
+
+/// Bulk MB/s of two stacks measured turn about: one connection each, a warm-up transfer on
+/// each, then `BULK_TURNS` transfers of `mib / BULK_TURNS` MiB on each in turn. As for the
+/// handshakes, the machine's drift then weighs on both alike. Returns (x, y) in MB/s.
+async fn bulk_turns(x: &mut Stack, y: &mut Stack, mib: u64) -> (f64, f64) {
+    let part = (mib / BULK_TURNS).max(1) * MIB;
+    let mut conns = Vec::new();
+    for s in [&mut *x, &mut *y] {
+        let (_, _, c, sc) = handshake(s).await;
+        transfer(s.name, &c, &sc, part.min(64 * MIB)).await;
+        conns.push((s.name, c, sc));
+    }
+    let mut took = [Duration::ZERO; 2];
+    for _ in 0..BULK_TURNS {
+        for ((name, c, sc), t) in conns.iter().zip(took.iter_mut()) {
+            *t += transfer(name, c, sc, part).await;
+        }
+    }
+    for (_, c, _) in &conns {
+        c.close(0u32.into(), b"");
+    }
+    drop(conns);
+    wait_drained(x).await;
+    wait_drained(y).await;
+    let bytes = (part * BULK_TURNS) as f64;
+    (bytes / 1e6 / took[0].as_secs_f64(), bytes / 1e6 / took[1].as_secs_f64())
 }
 
 async fn run_stack(mut s: Stack, n: usize, mib: u64) -> Results {
@@ -1231,7 +1268,7 @@ fn main() {
     }
 
     let plugins = udp_plugin();
-    let (results, turns): (Vec<Results>, Vec<Interleaved>) = rt.block_on(async {
+    let (results, turns, bulk_pair): (Vec<Results>, Vec<Interleaved>, Option<(f64, f64)>) = rt.block_on(async {
         println!("\nHandshake traces (datagram sizes at the server's socket):");
         trace("A plain", plain.server, plain.client, "localhost", EndpointConfig::default()).await;
         let q = pq_crypto(&identity(1), &identity(2));
@@ -1254,6 +1291,7 @@ fn main() {
             out.push(run_stack(stack_d(), n, mib).await);
         }
         let mut turns = Vec::new();
+        let mut bulk_pair = None;
         if wanted('A') && wanted('B') {
             turns.push(interleaved(stack_a(), stack_b(), n).await);
         }
@@ -1266,11 +1304,15 @@ fn main() {
                 Ok(set) => {
                     out.push(run_stack(stack_c(set), n, mib).await);
                     out.push(run_api(n).await);
+                    if wanted('B') {
+                        println!("B and C: {mib} MiB bulk each, turn about…");
+                        bulk_pair = Some(bulk_turns(&mut stack_b(), &mut stack_c(set), mib).await);
+                    }
                 }
                 Err(e) => eprintln!("stack C skipped: {e}"),
             }
         }
-        (out, turns)
+        (out, turns, bulk_pair)
     });
 
     println!("\nResults (handshake ms over {n} fresh connections, no resumption; client = connect() until established, both = until the server has it too):");
@@ -1326,6 +1368,13 @@ fn main() {
         }
         let q = c.p(&c.hs_client, 50.0) / b.p(&b.hs_client, 50.0);
         println!("  (handshake p50 plugin/direct {q:.3})");
+    }
+    if let Some((b, c)) = bulk_pair {
+        let q = c / b;
+        println!(
+            "  bulk plugin/direct, turn about {q:>6.3}  (target ≥ 0.9: {}); {c:.1} against {b:.1} MB/s",
+            verdict(q >= 0.9)
+        );
     }
     for r in &results {
         if let (Some(idle), Some(res)) = (r.idle_per_conn, r.residue_raw) {
