@@ -66,6 +66,12 @@ async fn two_nodes_authenticate_and_exchange_messages_both_ways() {
     let s = a.stats();
     assert_eq!((s.active_connections, s.connections_dialled, s.messages_sent, s.messages_received), (1, 1, 1, 1));
 
+    // Both ends derive the same channel binding, long after the handshake.
+    let binding = a.channel_binding(&b.peer_id()).unwrap();
+    assert_eq!(b.channel_binding(&a.peer_id()), Some(binding));
+    assert_ne!(binding, [0u8; 32]);
+    assert_eq!(a.channel_binding(&identity(9).peer_id()), None, "not connected");
+
     // a disconnects; b learns why.
     let mut b_events = b.subscribe();
     assert!(a.disconnect(&b.peer_id()));

@@ -575,6 +575,17 @@ impl P2pEndpoint {
         let _ = tokio::task::spawn_blocking(move || t.close()).await;
     }
 
+    /// The RFC 9266 `tls-exporter` channel binding of the connection to `peer`: 32 bytes
+    /// both ends compute alike, fresh per connection, that no third party can know. Bind an
+    /// application-level proof to it (e.g. sign it) to show it was made for this very
+    /// connection. `None` if not connected.
+    pub fn channel_binding(&self, peer: &PeerId) -> Option<[u8; crypto::CHANNEL_BINDING_LEN]> {
+        let mut out = [0u8; crypto::CHANNEL_BINDING_LEN];
+        let conn = self.connection(peer)?;
+        conn.export_keying_material(&mut out, crypto::CHANNEL_BINDING_LABEL, b"").ok()?;
+        Some(out)
+    }
+
     /// Whether a connection to `peer` is open.
     pub fn is_connected(&self, peer: &PeerId) -> bool {
         self.connection(peer).is_some_and(|c| c.close_reason().is_none())
