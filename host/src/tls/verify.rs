@@ -399,6 +399,26 @@ mod tests {
         assert_eq!(peer_id_from_spki(&spki), Ok(id.peer_id()));
     }
 
+    proptest::proptest! {
+        /// Round trip: any 1952 key bytes framed by `spki_for` parse back to the same key
+        /// and PeerId; and any change to one byte of the 22-byte framing is refused.
+        #[test]
+        fn spki_round_trip_and_every_framing_byte_matters(
+            key in proptest::collection::vec(proptest::prelude::any::<u8>(), PUBLIC_KEY_LEN),
+            at in 0usize..KEY_OFFSET,
+            flip in 1u8..=255,
+        ) {
+            let public = PublicIdentity::from_bytes(&key).unwrap();
+            let spki = spki_for(&public);
+            let back = public_identity_from_spki(&spki).unwrap();
+            proptest::prop_assert_eq!(&back.as_bytes()[..], &key[..]);
+            proptest::prop_assert_eq!(peer_id_from_spki(&spki), Ok(public.peer_id()));
+            let mut bad = spki;
+            bad[at] ^= flip;
+            proptest::prop_assert!(peer_id_from_spki(&bad).is_err());
+        }
+    }
+
     #[test]
     fn malformed_spkis_are_refused() {
         let spki = spki_for(identity(1).public());
