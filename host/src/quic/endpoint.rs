@@ -451,7 +451,7 @@ impl P2pEndpoint {
                 return Err(ConnectError::Connection(e));
             }
         };
-        let peer = crypto::peer_of(&conn).ok_or(ConnectError::NoPeerKey)?.peer_id();
+        let peer = crypto::peer_id_of(&conn).ok_or(ConnectError::NoPeerKey)?;
         if let Some(want) = expected {
             if want != peer {
                 // The verifier refuses this in the handshake; this guards the invariant.
@@ -617,7 +617,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                     return;
                 }
             };
-            let Some(peer) = crypto::peer_of(&conn).map(|p| p.peer_id()) else {
+            let Some(peer) = crypto::peer_id_of(&conn) else {
                 conn.close(CLOSE_WRONG_PEER.into(), b"no peer key");
                 return;
             };

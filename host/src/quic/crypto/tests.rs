@@ -108,6 +108,7 @@ async fn mutual_handshake_and_streams_both_kinds() {
     let conn = dial(&client, &client_id, Some(server_id.peer_id()), addr, None).await.unwrap();
     let server_key = peer_of(&conn).unwrap();
     assert_eq!(server_key.peer_id(), server_id.peer_id());
+    assert_eq!(peer_id_of(&conn), Some(server_id.peer_id()));
     assert_eq!(server_key.as_bytes(), server_id.public().as_bytes());
     // The documented peer_identity type.
     let certs = conn.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
@@ -397,7 +398,7 @@ fn handshaken(client: &Identity, server: &Identity) -> (TlsSession, TlsSession) 
     (c, s)
 }
 
-fn peer_id_of(session: &TlsSession) -> PeerId {
+fn session_peer_id(session: &TlsSession) -> PeerId {
     let certificates = session.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
     tls::peer_identity(Some(&certificates)).unwrap().peer_id()
 }
@@ -420,8 +421,8 @@ fn a_finished_session_drops_rustls_and_keeps_what_quinn_asks_for() {
         assert_eq!(data.cipher_suite, Some(CipherSuite::TLS13_AES_128_GCM_SHA256));
         assert!(session.transport_parameters().unwrap().is_some());
     }
-    assert_eq!(peer_id_of(&c), server_id.peer_id());
-    assert_eq!(peer_id_of(&s), client_id.peer_id());
+    assert_eq!(session_peer_id(&c), server_id.peer_id());
+    assert_eq!(session_peer_id(&s), client_id.peer_id());
     assert_eq!(c.early_data_accepted(), Some(false));
     assert_eq!(s.early_data_accepted(), None);
     assert!(c.write_handshake(&mut Vec::new()).is_none());
