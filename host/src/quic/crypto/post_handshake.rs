@@ -5,9 +5,9 @@
 //! handshake messages a peer may send in the 1-RTT space. In QUIC (RFC 9001 §4.1.3, §6)
 //! those are NewSessionTicket only, from a server: KeyUpdate is forbidden, and so is
 //! post-handshake client authentication, which antmesh never offers. antmesh does no
-//! resumption, so tickets are skipped as rustls skips them without a ticket store — but they
-//! still have to be well framed, and everything else fails the connection as it would have
-//! under rustls.
+//! resumption, so tickets are skipped: their header (type and length) is checked, their body
+//! is not parsed (rustls parsed it and refused a malformed one; with nothing kept, a ticket's
+//! contents cannot matter). Every other message fails the connection, as under rustls.
 //!
 //! The reader keeps no message bytes: a ticket of any length costs a few bytes of state,
 //! however it is cut into CRYPTO frames.
@@ -36,7 +36,9 @@ pub enum PostHandshakeError {
 }
 
 impl PostHandshakeError {
-    /// The alert rustls sends for the same input.
+    /// The alert that closes the connection: `unexpected_message` for a message that is not
+    /// allowed, as rustls sends; `decode_error` for one over the size limit (rustls failed
+    /// those without an alert, so quinn closed with PROTOCOL_VIOLATION).
     pub fn alert(self) -> AlertDescription {
         match self {
             Self::Unexpected(_) => AlertDescription::UnexpectedMessage,
