@@ -179,7 +179,9 @@ impl<B: Backend> quic::Algorithm for QuicAlgorithm<B> {
 
 /// The AES-GCM key schedule is built on first use: quinn derives the keys of the next 1-RTT
 /// key phase as soon as the current ones exist and keeps them for the connection's life, and
-/// most connections never update their keys (the schedule is 0.7–0.8 KB, two per end).
+/// most connections never update their keys (the schedule is 0.7–0.8 KB, two per end). A
+/// peer that flips the key-phase bit makes quinn try the next keys early, which only costs
+/// the saving.
 struct QuicPacketKey<B: Backend> {
     key: AeadKey,
     aead: OnceLock<Option<Box<B::Aes128Gcm>>>,
