@@ -583,7 +583,7 @@ impl qc::Session for TlsSession {
             SessionState::Handshaking(inner) => peer_certificates_of(inner),
             SessionState::Finished(f) => f.peer.clone(),
         };
-        peer.map(|certificates: Vec<CertificateDer<'static>>| -> Box<dyn Any> { Box::new(certificates) })
+        peer.map(|certificates| Box::new(certificates) as Box<dyn Any>)
     }
 
     /// 0-RTT is off (no resumption), so there are never early keys.
