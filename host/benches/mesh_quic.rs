@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use antmesh_host::daemon::hub::{self, HubConfig, HubEvent, MSG_MESH};
+use antmesh_host::daemon::hub::{self, ControlRequest, HubConfig, HubInbox, MSG_MESH};
+use antmesh_host::daemon::inbox::{Inbox, InboxLimits};
 use antmesh_host::identity::Identity;
 use antmesh_host::mesh::dest::{DestinationHash, ServiceName};
 use antmesh_host::mesh::packet::Packet;
@@ -46,7 +47,7 @@ fn ident(n: u8) -> Arc<Identity> {
 
 struct Node {
     ep: Arc<P2pEndpoint>,
-    hub: mpsc::UnboundedSender<HubEvent>,
+    hub: mpsc::Sender<ControlRequest>,
     dest: DestinationHash,
 }
 
@@ -55,17 +56,18 @@ async fn node(n: u8) -> Node {
     let mut cfg = P2pConfig::new(Arc::clone(&id), "127.0.0.1:0".parse().unwrap());
     cfg.plugin_dir = Some(plugin_dir());
     let ep = Arc::new(P2pEndpoint::new(cfg).await.unwrap());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(hub::CONTROL_QUEUE);
+    let inbox: Arc<HubInbox> = Arc::new(Inbox::new(InboxLimits::default()));
     let hub_cfg = HubConfig { store: None, announce_interval: Duration::from_secs(3600), save_interval: Duration::from_secs(3600) };
-    tokio::spawn(hub::run(Arc::clone(&id), hub_cfg, rx, Arc::new(Notify::new())));
-    tokio::spawn(antmesh_host::daemon::watch_quic(format!("n{n}"), Arc::clone(&ep), tx.clone()));
+    tokio::spawn(hub::run(Arc::clone(&id), hub_cfg, Arc::clone(&inbox), rx, Arc::new(Notify::new())));
+    tokio::spawn(antmesh_host::daemon::watch_quic(format!("n{n}"), Arc::clone(&ep), inbox));
     let dest = DestinationHash::node(&id.peer_id());
     Node { ep, hub: tx, dest }
 }
 
 async fn control(n: &Node, req: Value) -> Value {
     let (tx, rx) = oneshot::channel();
-    n.hub.send(HubEvent::Control { request: req, reply: tx }).unwrap();
+    n.hub.send(ControlRequest { request: req, reply: tx }).await.unwrap();
     rx.await.unwrap()
 }
 

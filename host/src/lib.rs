@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod link;
+pub mod log_budget;
 pub mod mesh;
 pub mod plugin;
 pub mod quic;

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::hub::HubEvent;
+use super::hub::ControlRequest;
 
 /// The socket's file name in the data directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -67,8 +67,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Accepts clients and forwards their requests to the hub.
-pub async fn serve(listener: UnixListener, hub: mpsc::UnboundedSender<HubEvent>) {
+/// Accepts clients and forwards their requests to the hub. Only processes of this node's
+/// own user are served: the socket's mode says so, and the peer's credentials
+/// (SO_PEERCRED) are checked too, in case the mode was loosened.
+pub async fn serve(listener: UnixListener, hub: mpsc::Sender<ControlRequest>) {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -79,6 +83,17 @@ pub async fn serve(listener: UnixListener, hub: mpsc::UnboundedSender<HubEvent>)
                 continue;
             }
         };
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == me => {}
+            Ok(c) => {
+                tracing::warn!(uid = c.uid(), "control socket: refused a client of another user");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("control socket: cannot read the client's credentials, refused: {e}");
+                continue;
+            }
+        }
         let hub = hub.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
@@ -87,7 +102,7 @@ pub async fn serve(listener: UnixListener, hub: mpsc::UnboundedSender<HubEvent>)
                 let reply = match serde_json::from_str::<Value>(&line) {
                     Ok(request) => {
                         let (tx, rx) = oneshot::channel();
-                        if hub.send(HubEvent::Control { request, reply: tx }).is_err() {
+                        if hub.send(ControlRequest { request, reply: tx }).await.is_err() {
                             json!({"ok": false, "error": "the node is shutting down"})
                         } else {
                             rx.await.unwrap_or_else(|_| json!({"ok": false, "error": "the node is shutting down"}))

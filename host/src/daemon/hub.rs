@@ -28,11 +28,14 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{Identity, PeerId};
+use crate::log_budget::{log_limited, LogBudget};
 use crate::mesh::dest::{DestinationHash, ServiceName};
 use crate::mesh::router::{MeshEvent, NeighbourId, NeighbourInfo, Router, RouterConfig};
 use crate::mesh::sealed::{NodeKem, RemoteKem};
 use crate::mesh::store::MeshStore;
 use crate::quic::endpoint::P2pEndpoint;
+
+use super::inbox::{Inbox, Item};
 
 /// Message type byte of a mesh packet between neighbours.
 pub const MSG_MESH: u8 = 0x02;
@@ -52,11 +55,82 @@ const MAX_REMOTE_KEMS: usize = 256;
 /// How the hub sends to a neighbour.
 #[derive(Clone)]
 pub enum NeighbourTx {
-    /// A QUIC peer on this endpoint.
-    Quic(Arc<P2pEndpoint>),
+    /// A QUIC peer: its writer task's queue.
+    Quic(QuicWriter),
     /// A link session; the driver of its interface sends.
-    Link(mpsc::UnboundedSender<LinkCommand>),
+    Link(mpsc::Sender<LinkCommand>),
 }
+
+/// The sending side of one QUIC neighbour: a bounded queue drained by one writer task, so
+/// a neighbour that stops reading costs one parked task and at most `QUIC_SEND_QUEUE`
+/// packets, and never delays the hub.
+#[derive(Clone)]
+pub struct QuicWriter {
+    ep: Arc<P2pEndpoint>,
+    peer: PeerId,
+    queue: mpsc::Sender<Vec<u8>>,
+}
+
+/// Mesh messages queued per QUIC neighbour; beyond, packets are dropped.
+pub const QUIC_SEND_QUEUE: usize = 256;
+/// A message the peer does not take within this long is dropped (its stream reset).
+const QUIC_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl QuicWriter {
+    /// Starts the writer task of `peer` on `ep`. It ends when every clone of the writer is
+    /// dropped (the hub dropped the neighbour).
+    pub fn spawn(ep: Arc<P2pEndpoint>, peer: PeerId) -> QuicWriter {
+        let (queue, mut rx) = mpsc::channel::<Vec<u8>>(QUIC_SEND_QUEUE);
+        let task_ep = Arc::clone(&ep);
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                // A mesh packet that fits a QUIC datagram goes as one: no stream to open and
+                // close per packet. Mesh traffic tolerates loss (ARQ inside end-to-end
+                // links, repeated announces, probes and path requests). Larger ones (full
+                // announces) go as messages on streams.
+                let fits = task_ep.max_datagram_size(&peer).is_some_and(|m| msg.len() <= m);
+                let send = async {
+                    if fits {
+                        task_ep.send_datagram(&peer, &msg).await
+                    } else {
+                        task_ep.send(&peer, &msg).await
+                    }
+                };
+                match tokio::time::timeout(QUIC_SEND_TIMEOUT, send).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, "mesh packet not sent: {e}"),
+                    Err(_) => tracing::debug!(%peer, "mesh packet not sent: the peer took none for {QUIC_SEND_TIMEOUT:?}"),
+                }
+            }
+        });
+        QuicWriter { ep, peer, queue }
+    }
+}
+
+impl NeighbourTx {
+    /// Queues `msg` without waiting; false when the neighbour's queue is full or gone.
+    fn try_send(&self, peer: PeerId, msg: Vec<u8>) -> bool {
+        match self {
+            NeighbourTx::Quic(w) => w.queue.try_send(msg).is_ok(),
+            NeighbourTx::Link(cmds) => cmds.try_send(LinkCommand::Send { peer, data: msg }).is_ok(),
+        }
+    }
+
+    /// Disconnects `peer` and refuses it for [`BLOCK_FOR`].
+    fn block(&self, peer: PeerId) {
+        match self {
+            NeighbourTx::Quic(w) => {
+                w.ep.block(&w.peer, BLOCK_FOR);
+            }
+            NeighbourTx::Link(cmds) => {
+                let _ = cmds.try_send(LinkCommand::Block { peer, duration: BLOCK_FOR });
+            }
+        }
+    }
+}
+
+/// How long a neighbour caught forging stays refused.
+pub const BLOCK_FOR: Duration = Duration::from_secs(600);
 
 /// A request to a link driver.
 #[derive(Debug)]
@@ -68,23 +142,35 @@ pub enum LinkCommand {
         /// The message.
         data: Vec<u8>,
     },
+    /// Close `peer`'s sessions and refuse its handshakes for `duration`.
+    Block {
+        /// The peer.
+        peer: PeerId,
+        /// For how long.
+        duration: Duration,
+    },
 }
 
-/// A neighbour session: the interface it is on and the peer.
+/// Commands queued per link driver; beyond, mesh packets to its peers are dropped.
+pub const LINK_COMMAND_QUEUE: usize = 1024;
+
+/// A neighbour session: the interface it is on, the peer, and for link sessions the link
+/// address (one peer may hold sessions on several addresses of one interface, e.g. a TCP
+/// peer reconnecting from a new port while its old session times out).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NeighbourKey {
     /// Interface name.
     pub iface: String,
     /// The peer.
     pub peer: PeerId,
+    /// The link address of a link session (None for QUIC: one connection per peer).
+    pub addr: Option<String>,
 }
 
-/// What interfaces and the control socket tell the hub.
-pub enum HubEvent {
-    /// A session is up and authenticated.
+/// A neighbour session starting or ending, queued in order with its packets.
+pub enum SessionEvent {
+    /// The session is up and authenticated.
     Up {
-        /// Which.
-        key: NeighbourKey,
         /// Constrained hop (compact announces).
         compact: bool,
         /// Hop cost.
@@ -94,26 +180,23 @@ pub enum HubEvent {
         /// How to reach it.
         tx: NeighbourTx,
     },
-    /// A session ended.
-    Down {
-        /// Which.
-        key: NeighbourKey,
-    },
-    /// A mesh packet from a neighbour (without the MSG_MESH byte).
-    Packet {
-        /// From.
-        key: NeighbourKey,
-        /// The packet.
-        bytes: Vec<u8>,
-    },
-    /// An operator request; the reply is JSON.
-    Control {
-        /// The request.
-        request: Value,
-        /// Where the reply goes.
-        reply: oneshot::Sender<Value>,
-    },
+    /// The session ended.
+    Down,
 }
+
+/// What interface drivers hand the hub: per-session queues served round robin.
+pub type HubInbox = Inbox<NeighbourKey, SessionEvent>;
+
+/// An operator request; the reply is JSON.
+pub struct ControlRequest {
+    /// The request.
+    pub request: Value,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<Value>,
+}
+
+/// Control requests queued for the hub; clients wait for room beyond.
+pub const CONTROL_QUEUE: usize = 64;
 
 /// Settings of the hub.
 pub struct HubConfig {
@@ -172,6 +255,35 @@ struct Hub {
     /// When a key record was last sent, per reply-to destination.
     key_answered: HashMap<DestinationHash, Instant>,
     rng: crate::link::crypto::Rng,
+    /// Packets dropped because a neighbour's send queue was full.
+    send_dropped: u64,
+    logs: Logs,
+}
+
+/// Budgets of the log lines remote peers can cause (one per kind, so a flood of one kind
+/// does not hide the others).
+struct Logs {
+    neighbour: LogBudget,
+    path: LogBudget,
+    forged: LogBudget,
+    key: LogBudget,
+    sealed: LogBudget,
+    e2e_state: LogBudget,
+    e2e_message: LogBudget,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Logs {
+            neighbour: LogBudget::remote(),
+            path: LogBudget::new(5.0, 100),
+            forged: LogBudget::remote(),
+            key: LogBudget::remote(),
+            sealed: LogBudget::remote(),
+            e2e_state: LogBudget::remote(),
+            e2e_message: LogBudget::new(5.0, 50),
+        }
+    }
 }
 
 /// End-to-end links idle this long are closed (a send opens one again).
@@ -186,8 +298,17 @@ const PROBE_AGAIN: Duration = Duration::from_secs(2);
 /// How often path requests for held payloads are repeated.
 const REQUEST_AGAIN: Duration = Duration::from_secs(3);
 
-/// Runs the hub until `events` closes or `stop` fires.
-pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedReceiver<HubEvent>, stop: Arc<tokio::sync::Notify>) -> HubSummary {
+/// Most inbox items handled between two flushes of the router's output.
+const BATCH: usize = 64;
+
+/// Runs the hub until the inbox closes or `stop` fires.
+pub async fn run(
+    me: Arc<Identity>,
+    cfg: HubConfig,
+    inbox: Arc<HubInbox>,
+    mut control: mpsc::Receiver<ControlRequest>,
+    stop: Arc<tokio::sync::Notify>,
+) -> HubSummary {
     let now = Instant::now();
     let mut seed = [0u8; 32];
     if getrandom::getrandom(&mut seed).is_err() {
@@ -269,6 +390,8 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
         key_asked: HashMap::new(),
         key_answered: HashMap::new(),
         rng: crate::link::crypto::Rng::from_seed(rng_seed),
+        send_dropped: 0,
+        logs: Logs::default(),
     };
     let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
     let mut next_save = tokio::time::Instant::now() + cfg.save_interval;
@@ -289,8 +412,18 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
             .min(next_announce)
             .min(next_save);
         tokio::select! {
-            ev = events.recv() => match ev {
-                Some(ev) => hub.on_event(ev),
+            biased;
+            () = stop.notified() => break,
+            // Operator requests first: a flood on the inbox must not starve `status`.
+            Some(ControlRequest { request, reply }) = control.recv() => hub.on_control(Instant::now(), request, reply),
+            item = inbox.pop() => match item {
+                Some((key, item)) => {
+                    hub.on_item(key, item);
+                    for _ in 1..BATCH {
+                        let Some((key, item)) = inbox.try_pop() else { break };
+                        hub.on_item(key, item);
+                    }
+                }
                 None => break,
             },
             () = tokio::time::sleep_until(wake) => {
@@ -309,7 +442,6 @@ pub async fn run(me: Arc<Identity>, cfg: HubConfig, mut events: mpsc::UnboundedR
                     next_save = tokio::time::Instant::now() + cfg.save_interval;
                 }
             }
-            () = stop.notified() => break,
         }
     }
     hub.save().await;
@@ -377,37 +509,45 @@ impl Hub {
         }
     }
 
-    fn on_event(&mut self, ev: HubEvent) {
+    fn on_item(&mut self, key: NeighbourKey, item: Item<SessionEvent>) {
         let now = Instant::now();
-        match ev {
-            HubEvent::Up { key, compact, cost, announce_rate, tx } => {
+        match item {
+            Item::Event(SessionEvent::Up { compact, cost, announce_rate, tx }) => {
                 if let Some(old) = self.ids.remove(&key) {
                     self.router.remove_neighbour(old);
                     self.neighbours.remove(&old);
                 }
                 self.next_id += 1;
                 let id = NeighbourId(self.next_id);
-                tracing::info!(interface = %key.iface, peer = %key.peer, ?id, compact, cost, "mesh neighbour up");
+                log_limited!(self.logs.neighbour, info, interface = %key.iface, peer = %key.peer, ?id, compact, cost, "mesh neighbour up");
                 self.router.add_neighbour(now, id, NeighbourInfo { peer: key.peer, compact, cost, announce_rate });
                 self.ids.insert(key.clone(), id);
                 self.neighbours.insert(id, (key, tx));
                 // The router replays this node's announce and the ones it holds to the new
                 // neighbour, so it can route at once.
             }
-            HubEvent::Down { key } => {
+            Item::Event(SessionEvent::Down) => {
+                // Only the session that ended: a newer one of the same peer has its own key.
                 if let Some(id) = self.ids.remove(&key) {
-                    tracing::info!(interface = %key.iface, peer = %key.peer, "mesh neighbour down");
+                    log_limited!(self.logs.neighbour, info, interface = %key.iface, peer = %key.peer, "mesh neighbour down");
                     self.router.remove_neighbour(id);
                     self.neighbours.remove(&id);
                 }
             }
-            HubEvent::Packet { key, bytes } => {
+            Item::Packet(bytes) => {
                 let Some(&id) = self.ids.get(&key) else { return };
                 if let Err(e) = self.router.handle_packet(now, id, &bytes) {
                     tracing::debug!(interface = %key.iface, from = %key.peer, "mesh packet dropped: {e}");
+                    if e.is_forgery() {
+                        // Honest nodes verify full announces before relaying them, so a
+                        // forged one was made by this neighbour.
+                        log_limited!(self.logs.forged, warn, interface = %key.iface, peer = %key.peer, "neighbour sent a forged announce ({e}); blocked for {}s", BLOCK_FOR.as_secs());
+                        if let Some((_, tx)) = self.neighbours.get(&id) {
+                            tx.block(key.peer);
+                        }
+                    }
                 }
             }
-            HubEvent::Control { request, reply } => self.on_control(now, request, reply),
         }
     }
 
@@ -616,24 +756,9 @@ impl Hub {
                 let mut msg = Vec::with_capacity(1 + bytes.len());
                 msg.push(MSG_MESH);
                 msg.extend_from_slice(&bytes);
-                match tx {
-                    NeighbourTx::Quic(ep) => {
-                        let (ep, peer) = (Arc::clone(ep), key.peer);
-                        // A mesh packet that fits a QUIC datagram goes as one: no stream to
-                        // open and close per packet. Mesh traffic tolerates loss (ARQ inside
-                        // end-to-end links, repeated announces, probes and path requests).
-                        // Larger ones (full announces) go as messages on streams.
-                        let fits = ep.max_datagram_size(&peer).is_some_and(|m| msg.len() <= m);
-                        tokio::spawn(async move {
-                            let r = if fits { ep.send_datagram(&peer, &msg).await } else { ep.send(&peer, &msg).await };
-                            if let Err(e) = r {
-                                tracing::debug!(%peer, "mesh packet not sent: {e}");
-                            }
-                        });
-                    }
-                    NeighbourTx::Link(cmds) => {
-                        let _ = cmds.send(LinkCommand::Send { peer: key.peer, data: msg });
-                    }
+                if !tx.try_send(key.peer, msg) {
+                    self.send_dropped += 1;
+                    tracing::trace!(peer = %key.peer, "mesh packet dropped: the neighbour's send queue is full");
                 }
             }
             while let Some(ev) = self.router.poll_event() {
@@ -658,11 +783,11 @@ impl Hub {
             MeshEvent::PathLearned { dest, peer, next_hop, hops } => {
                 self.dirty = true;
                 let via = self.neighbours.get(&next_hop).map(|(k, _)| k.iface.clone()).unwrap_or_default();
-                tracing::info!(%dest, %peer, hops, interface = %via, "path learned");
+                log_limited!(self.logs.path, info, %dest, %peer, hops, interface = %via, "path learned");
             }
             MeshEvent::PathLost { dest } => {
                 self.dirty = true;
-                tracing::info!(%dest, "path lost");
+                log_limited!(self.logs.path, info, %dest, "path lost");
             }
             MeshEvent::Delivered { dest, payload } if dest == self.node_dest => self.on_delivered(now, &payload),
             MeshEvent::Delivered { dest, .. } => tracing::debug!(%dest, "data for an unused local destination"),
@@ -729,13 +854,13 @@ impl Hub {
                         self.remote_kems.insert(dest, k);
                         self.check_waiters(now);
                     }
-                    Err(e) => tracing::warn!(%dest, "sealing key refused: {e}"),
+                    Err(e) => log_limited!(self.logs.key, warn, %dest, "sealing key refused: {e}"),
                 }
             }
             Some((&SEALED, sealed)) => match self.kem.open(&self.node_dest, sealed) {
                 Ok(data) => {
                     let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
-                    tracing::info!(bytes = data.len(), text = %text, "sealed packet received");
+                    log_limited!(self.logs.sealed, info, bytes = data.len(), text = %text, "sealed packet received");
                 }
                 Err(e) => tracing::debug!("sealed packet dropped: {e}"),
             },
@@ -752,17 +877,17 @@ impl Hub {
         match u {
             LinkUpdate::Up { dest, peer, mode, initiator } => {
                 self.e2e_sessions += 1;
-                tracing::info!(%dest, %peer, ?mode, initiator, "end-to-end link up");
+                log_limited!(self.logs.e2e_state, info, %dest, %peer, ?mode, initiator, "end-to-end link up");
             }
             LinkUpdate::Refused { dest, peer } => {
-                tracing::warn!(%dest, %peer, "end-to-end link refused: the peer does not own that destination");
+                log_limited!(self.logs.e2e_state, warn, %dest, %peer, "end-to-end link refused: the peer does not own that destination");
             }
             LinkUpdate::Message { dest, peer, data } => {
                 let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
-                tracing::info!(%dest, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
+                log_limited!(self.logs.e2e_message, info, %dest, from = %peer, bytes = data.len(), text = %text, "end-to-end message received");
             }
-            LinkUpdate::Down { dest, peer } => tracing::info!(%dest, %peer, "end-to-end link down"),
-            LinkUpdate::Failed { dest, error } => tracing::warn!(%dest, "end-to-end handshake failed: {error}"),
+            LinkUpdate::Down { dest, peer } => log_limited!(self.logs.e2e_state, info, %dest, %peer, "end-to-end link down"),
+            LinkUpdate::Failed { dest, error } => log_limited!(self.logs.e2e_state, warn, %dest, "end-to-end handshake failed: {error}"),
         }
     }
 }

@@ -5,20 +5,21 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config::LinkSettings;
+use crate::log_budget::{log_limited, LogBudget};
 use crate::link::{LinkEngine, LinkEvent};
 use crate::transport::{EventReceiver, SharedTransport, TransportEvent};
 
-use super::hub::{HubEvent, LinkCommand, NeighbourKey, NeighbourTx, MSG_MESH};
+use super::hub::{HubInbox, LinkCommand, NeighbourKey, NeighbourTx, SessionEvent, MSG_MESH};
 use super::{agent, MSG_NODE_INFO};
 
 /// The channels between a link driver and the mesh hub.
 pub struct HubLink {
     /// To the hub.
-    pub hub: mpsc::UnboundedSender<HubEvent>,
+    pub inbox: Arc<HubInbox>,
     /// From the hub: what to send on this interface.
-    pub commands: mpsc::UnboundedReceiver<LinkCommand>,
+    pub commands: mpsc::Receiver<LinkCommand>,
     /// The sending end of `commands`, handed to the hub with each neighbour.
-    pub command_tx: mpsc::UnboundedSender<LinkCommand>,
+    pub command_tx: mpsc::Sender<LinkCommand>,
 }
 
 /// Hop cost of a link at `bps`: 1 per megabit/s of shortfall, at least 2 (slower than a
@@ -51,7 +52,12 @@ pub async fn run_link(
         None => peer.to_string(),
     };
     let dial = settings.dial.unwrap_or(true);
+    // One neighbour per session: keyed by its link address too, so that the end of an
+    // old session never takes down a newer one of the same peer.
+    let key = |addr: &antmesh_plugin_api::LinkAddr, peer| NeighbourKey { iface: iface.clone(), peer, addr: Some(addr.to_string()) };
     let expect = settings.peer_id();
+    // Lines a peer (or anyone reaching the transport) can cause, each under a budget.
+    let (mut session_log, mut failure_log, mut transport_log) = (LogBudget::remote(), LogBudget::remote(), LogBudget::remote());
     // A frame the transport refused with WouldBlock; sent first once it reports Writable.
     let mut held: Option<crate::link::Transmit> = None;
     loop {
@@ -72,37 +78,41 @@ pub async fn run_link(
             more = true;
             match ev {
                 LinkEvent::Connected { addr, peer, mode, initiator } => {
-                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?mode, initiator, "link session up");
+                    log_limited!(session_log, info, interface = %iface, %peer, addr = %show(&addr), ?mode, initiator, "link session up");
                     let mut info = vec![MSG_NODE_INFO];
                     info.extend_from_slice(agent().as_bytes());
                     if let Err(e) = engine.send(&peer, info) {
                         tracing::warn!(interface = %iface, %peer, "node info not sent: {e}");
                     }
-                    let _ = hub.hub.send(HubEvent::Up {
-                        key: NeighbourKey { iface: iface.clone(), peer },
-                        compact: true,
-                        cost: hop_cost(bitrate),
-                        announce_rate,
-                        tx: NeighbourTx::Link(hub.command_tx.clone()),
-                    });
+                    hub.inbox.push_event(
+                        key(&addr, peer),
+                        SessionEvent::Up {
+                            compact: true,
+                            cost: hop_cost(bitrate),
+                            announce_rate,
+                            tx: NeighbourTx::Link(hub.command_tx.clone()),
+                        },
+                    );
                 }
                 LinkEvent::Rekeyed { peer, .. } => tracing::debug!(interface = %iface, %peer, "link rekeyed (fresh ML-KEM-768)"),
-                LinkEvent::Message { peer, data, .. } => match data.split_first() {
+                LinkEvent::Message { peer, data, addr } => match data.split_first() {
                     Some((&MSG_NODE_INFO, agent)) => {
                         let agent: String = String::from_utf8_lossy(agent).chars().take(128).collect();
-                        tracing::info!(interface = %iface, %peer, agent = %agent, "node info received");
+                        log_limited!(session_log, info, interface = %iface, %peer, agent = %agent, "node info received");
                     }
                     Some((&MSG_MESH, packet)) => {
-                        let _ = hub.hub.send(HubEvent::Packet { key: NeighbourKey { iface: iface.clone(), peer }, bytes: packet.to_vec() });
+                        if !hub.inbox.push_packet(key(&addr, peer), packet.to_vec()) {
+                            tracing::trace!(interface = %iface, %peer, "mesh packet dropped: the hub's queue for this session is full");
+                        }
                     }
-                    _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
+                    _ => tracing::debug!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
                 },
                 LinkEvent::Disconnected { addr, peer, reason } => {
-                    tracing::info!(interface = %iface, %peer, addr = %show(&addr), ?reason, "link session down");
-                    let _ = hub.hub.send(HubEvent::Down { key: NeighbourKey { iface: iface.clone(), peer } });
+                    log_limited!(session_log, info, interface = %iface, %peer, addr = %show(&addr), ?reason, "link session down");
+                    hub.inbox.push_event(key(&addr, peer), SessionEvent::Down);
                 }
                 LinkEvent::HandshakeFailed { addr, error } => {
-                    tracing::warn!(interface = %iface, addr = %show(&addr), "link handshake failed: {error}")
+                    log_limited!(failure_log, warn, interface = %iface, addr = %show(&addr), "link handshake failed: {error}")
                 }
             }
         }
@@ -128,7 +138,7 @@ pub async fn run_link(
                     }
                 }
                 Ok(TransportEvent::LinkUp(peer)) => {
-                    tracing::info!(interface = %iface, peer = %show(&peer), "link up");
+                    log_limited!(transport_log, info, interface = %iface, peer = %show(&peer), "link up");
                     let now = std::time::Instant::now();
                     if dial {
                         if let Err(e) = engine.connect(now, peer.clone(), expect) {
@@ -138,7 +148,7 @@ pub async fn run_link(
                     engine.link_up(now, &peer);
                 }
                 Ok(TransportEvent::LinkDown { peer, reason }) => {
-                    tracing::info!(interface = %iface, peer = %show(&peer), %reason, "link down");
+                    log_limited!(transport_log, info, interface = %iface, peer = %show(&peer), %reason, "link down");
                     engine.link_down(&peer);
                 }
                 // Writable: sends are retried on the engine's own schedule; Readable only
@@ -147,13 +157,16 @@ pub async fn run_link(
                 Err(_) => break,
             },
             () = sleep => engine.handle_timeout(std::time::Instant::now()),
-            cmd = hub.commands.recv() => match cmd {
-                Some(LinkCommand::Send { peer, data }) => {
+            Some(cmd) = hub.commands.recv() => match cmd {
+                LinkCommand::Send { peer, data } => {
                     if let Err(e) = engine.send(&peer, data) {
                         tracing::debug!(interface = %iface, %peer, "mesh packet not sent: {e}");
                     }
                 }
-                None => {}
+                LinkCommand::Block { peer, duration } => {
+                    let now = std::time::Instant::now();
+                    engine.block_peer(now, peer, now + duration);
+                }
             },
             () = stop.notified() => {
                 let now = std::time::Instant::now();

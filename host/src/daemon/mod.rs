@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod hub;
+pub mod inbox;
 pub mod link;
 
 use std::future::Future;
@@ -22,14 +23,16 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::NodeConfig;
-use crate::identity::Identity;
+use crate::identity::{Identity, PeerId};
+use crate::log_budget::{log_limited, LogBudget};
 use crate::link::{LinkConfig, LinkEngine};
 use crate::plugin::loader::{self, PluginDirError};
 use crate::plugin::NativeTransport;
 use crate::quic::endpoint::{P2pConfig, P2pEndpoint, P2pEvent};
 use crate::transport::{SharedTransport, Transport};
 
-use self::hub::{HubConfig, HubEvent, NeighbourKey, NeighbourTx, MSG_MESH};
+use self::hub::{HubConfig, HubInbox, NeighbourKey, NeighbourTx, QuicWriter, SessionEvent, MSG_MESH};
+use self::inbox::InboxLimits;
 use self::link::{run_link, HubLink};
 
 /// Why the node could not run.
@@ -128,15 +131,17 @@ pub async fn run(
         }
         None => None,
     };
-    let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+    let inbox: Arc<HubInbox> = Arc::new(inbox::Inbox::new(InboxLimits::default()));
+    let (control_tx, control_rx) = mpsc::channel(hub::CONTROL_QUEUE);
     let hub_stop = Arc::new(Notify::new());
     let hub_cfg = HubConfig {
         store: data_dir.as_ref().filter(|_| cfg.mesh.persist).map(|d| d.join("mesh.redb")),
         announce_interval: Duration::from_secs(cfg.mesh.announce_interval_secs),
         save_interval: Duration::from_secs(60),
     };
-    let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, hub_rx, Arc::clone(&hub_stop)));
-    let control_task = listener.map(|(path, l)| (path, tokio::spawn(control::serve(l, hub_tx.clone()))));
+    let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, Arc::clone(&inbox), control_rx, Arc::clone(&hub_stop)));
+    let control_task = listener.map(|(path, l)| (path, tokio::spawn(control::serve(l, control_tx.clone()))));
+    drop(control_tx);
 
     let mut summary = RunSummary::default();
     let mut open: Vec<SharedTransport> = Vec::new();
@@ -167,11 +172,11 @@ pub async fn run(
                 if caps.suits_quic() {
                     let local = addrs.first().and_then(|a| a.strip_prefix("udp://")).and_then(|a| a.parse().ok());
                     let bind = local.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let ep = P2pEndpoint::with_transport(P2pConfig::new(Arc::clone(&identity), bind), Arc::clone(&t), rx)
+                    let ep = P2pEndpoint::with_transport(P2pConfig::mesh_node(Arc::clone(&identity), bind), Arc::clone(&t), rx)
                         .map_err(|source| UpError::Quic { interface: iface.name.clone(), source })?;
                     let ep = Arc::new(ep);
                     tracing::info!(interface = %iface.name, peer_id = %ep.peer_id(), "QUIC endpoint up");
-                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep), hub_tx.clone())));
+                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep), Arc::clone(&inbox))));
                     for addr in &iface.connect {
                         watchers.push(tokio::spawn(keep_dialled(iface.name.clone(), Arc::clone(&ep), addr.clone())));
                     }
@@ -192,8 +197,8 @@ pub async fn run(
                         }
                     };
                     let stop = Arc::new(Notify::new());
-                    let (command_tx, commands) = mpsc::unbounded_channel();
-                    let hub_link = HubLink { hub: hub_tx.clone(), commands, command_tx };
+                    let (command_tx, commands) = mpsc::channel(hub::LINK_COMMAND_QUEUE);
+                    let hub_link = HubLink { inbox: Arc::clone(&inbox), commands, command_tx };
                     pumps.push((
                         Arc::clone(&stop),
                         tokio::spawn(run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop, hub_link)),
@@ -243,7 +248,7 @@ pub async fn run(
         }
     }
     hub_stop.notify_one();
-    drop(hub_tx);
+    inbox.close();
     if let Ok(h) = hub_task.await {
         summary.paths = h.paths;
         summary.e2e_sessions = h.e2e_sessions;
@@ -274,52 +279,68 @@ pub async fn run(
 
 /// Connects a QUIC interface to the mesh hub: authenticated peers become neighbours, mesh
 /// messages go to the hub, and what happens is logged. Runs until the endpoint closes.
-pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, hub: mpsc::UnboundedSender<HubEvent>) {
+///
+/// Connection events come from a broadcast, which a burst of messages can overrun; after
+/// a lag the set of neighbours is rebuilt from the endpoint's connections, so no
+/// neighbour is left up (or down) by a lost event.
+pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, inbox: Arc<HubInbox>) {
     let mut events = ep.subscribe();
-    let key = |peer| NeighbourKey { iface: iface.clone(), peer };
+    let key = |peer| NeighbourKey { iface: iface.clone(), peer, addr: None };
     // Peers announced to the hub: a message can be read before its connection's event.
     let mut up = std::collections::HashSet::new();
-    let neighbour_up = |peer| HubEvent::Up { key: key(peer), compact: false, cost: 1, announce_rate: 0, tx: NeighbourTx::Quic(Arc::clone(&ep)) };
+    let neighbour_up = |peer| SessionEvent::Up { compact: false, cost: 1, announce_rate: 0, tx: NeighbourTx::Quic(QuicWriter::spawn(Arc::clone(&ep), peer)) };
+    let (mut peer_log, mut message_log) = (LogBudget::remote(), LogBudget::remote());
+    let mut packet = |up: &mut std::collections::HashSet<PeerId>, peer: PeerId, data: &[u8]| {
+        let Some((&MSG_MESH, packet)) = data.split_first() else {
+            log_limited!(message_log, info, interface = %iface, from = %peer, bytes = data.len(), "message received (not mesh; ignored)");
+            return;
+        };
+        if up.insert(peer) {
+            inbox.push_event(key(peer), neighbour_up(peer));
+        }
+        if !inbox.push_packet(key(peer), packet.to_vec()) {
+            tracing::trace!(interface = %iface, %peer, "mesh packet dropped: the hub's queue for this peer is full");
+        }
+    };
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(P2pEvent::PeerConnected { peer, addr, side }) => {
-                    tracing::info!(interface = %iface, %peer, %addr, ?side, "peer connected");
+                    log_limited!(peer_log, info, interface = %iface, %peer, %addr, ?side, "peer connected");
                     if up.insert(peer) {
-                        let _ = hub.send(neighbour_up(peer));
+                        inbox.push_event(key(peer), neighbour_up(peer));
                     }
                 }
                 Ok(P2pEvent::PeerAuthenticated { peer }) => tracing::debug!(interface = %iface, %peer, "peer authenticated (ML-DSA-65)"),
                 Ok(P2pEvent::PeerDisconnected { peer, reason }) => {
-                    tracing::info!(interface = %iface, %peer, ?reason, "peer disconnected");
-                    up.remove(&peer);
-                    let _ = hub.send(HubEvent::Down { key: key(peer) });
+                    log_limited!(peer_log, info, interface = %iface, %peer, ?reason, "peer disconnected");
+                    if up.remove(&peer) {
+                        inbox.push_event(key(peer), SessionEvent::Down);
+                    }
                 }
                 Ok(P2pEvent::DataReceived { .. }) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::debug!(interface = %iface, "{n} events skipped"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let now: std::collections::HashSet<PeerId> = ep.connected_peers().into_iter().collect();
+                    let gone: Vec<PeerId> = up.difference(&now).copied().collect();
+                    let new: Vec<PeerId> = now.difference(&up).copied().collect();
+                    tracing::debug!(interface = %iface, skipped = n, gone = gone.len(), new = new.len(), "QUIC events lagged; neighbours resynchronised");
+                    for peer in gone {
+                        up.remove(&peer);
+                        inbox.push_event(key(peer), SessionEvent::Down);
+                    }
+                    for peer in new {
+                        up.insert(peer);
+                        inbox.push_event(key(peer), neighbour_up(peer));
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
             dg = ep.recv_datagram() => match dg {
-                Ok((peer, data)) => {
-                    if let Some((&MSG_MESH, packet)) = data.split_first() {
-                        if up.insert(peer) {
-                            let _ = hub.send(neighbour_up(peer));
-                        }
-                        let _ = hub.send(HubEvent::Packet { key: key(peer), bytes: packet.to_vec() });
-                    }
-                }
+                Ok((peer, data)) => packet(&mut up, peer, &data),
                 Err(_) => return,
             },
             msg = ep.recv() => match msg {
-                Ok((peer, data)) => match data.split_first() {
-                    Some((&MSG_MESH, packet)) => {
-                        if up.insert(peer) {
-                            let _ = hub.send(neighbour_up(peer));
-                        }
-                        let _ = hub.send(HubEvent::Packet { key: key(peer), bytes: packet.to_vec() });
-                    }
-                    _ => tracing::info!(interface = %iface, from = %peer, bytes = data.len(), "message received"),
-                },
+                Ok((peer, data)) => packet(&mut up, peer, &data),
                 Err(_) => return,
             },
         }

@@ -284,6 +284,9 @@ pub enum FrameError {
     /// Another handshake would exceed `max_handshakes`.
     #[error("too many handshakes in progress")]
     Busy,
+    /// A handshake from a peer this engine blocked ([`LinkEngine::block_peer`]).
+    #[error("{0} is blocked")]
+    Blocked(PeerId),
     /// A frame that is valid but not expected now (for example a Hello that lost a
     /// simultaneous-open tie-break).
     #[error("{0:?} frame ignored in this state")]
@@ -473,7 +476,12 @@ pub struct LinkEngine {
     events: VecDeque<LinkEvent>,
     next_tx: Option<Instant>,
     stats: LinkStats,
+    /// Peers refused until the instant.
+    blocked: HashMap<PeerId, Instant>,
 }
+
+/// Most peers remembered as blocked.
+const MAX_BLOCKED: usize = 1024;
 
 impl LinkEngine {
     /// An engine for `me` with a random seed from the operating system.
@@ -501,7 +509,35 @@ impl LinkEngine {
             events: VecDeque::new(),
             next_tx: None,
             stats: LinkStats::default(),
+            blocked: HashMap::new(),
         }
+    }
+
+    /// Closes every session with `peer` and refuses its handshakes and resumptions until
+    /// `until` (a neighbour caught forging). Its resumption tickets are forgotten.
+    pub fn block_peer(&mut self, now: Instant, peer: PeerId, until: Instant) {
+        if self.blocked.len() >= MAX_BLOCKED {
+            self.blocked.retain(|_, u| *u > now);
+        }
+        if self.blocked.len() < MAX_BLOCKED || self.blocked.contains_key(&peer) {
+            self.blocked.insert(peer, until);
+        }
+        if let Some(t) = self.ticket_by_peer.remove(&peer) {
+            self.tickets.remove(&t);
+        }
+        let addrs: Vec<LinkAddr> = self
+            .peers
+            .iter()
+            .filter(|p| p.session.as_ref().is_some_and(|s| s.peer.peer_id() == peer))
+            .map(|p| p.addr.clone())
+            .collect();
+        for a in addrs {
+            self.close(now, &a);
+        }
+    }
+
+    fn is_blocked(&self, now: Instant, peer: &PeerId) -> bool {
+        self.blocked.get(peer).is_some_and(|u| *u > now)
     }
 
     /// This node's id.
@@ -795,6 +831,13 @@ impl LinkEngine {
                 p.hs = None;
             }
         }
+        if let Ok(claimed) = handshake::Hello::decode(&hello).map(|h| h.peer) {
+            if self.is_blocked(now, &claimed) {
+                self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Refused as u8 }.encode());
+                return Err(FrameError::Blocked(claimed));
+            }
+        }
+        let p = &mut self.peers[i];
         let busy = p.hs.is_none() && self.handshakes_in_progress() >= self.cfg.max_handshakes;
         if busy {
             self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Busy as u8 }.encode());

@@ -203,6 +203,19 @@ pub enum DropReason {
     Loop(DestinationHash),
 }
 
+impl DropReason {
+    /// Whether the packet proves its sender forged it: a full announce whose signature or
+    /// key is wrong, or an announce (either form) for a destination not bound to its
+    /// identity. Honest nodes check all of these before they relay, so such a packet was
+    /// made by the neighbour it came from.
+    pub fn is_forgery(&self) -> bool {
+        matches!(
+            self,
+            DropReason::Announce(AnnounceError::BadSignature(_) | AnnounceError::KeyMismatch(_) | AnnounceError::Binding { .. })
+        )
+    }
+}
+
 /// Why `send_to` failed.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,8 +1,9 @@
 //! The native backend of [`Transport`]: an `abi_stable` instance plus the host handle that
 //! turns its callbacks into [`TransportEvent`]s.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RSlice, RSliceMut, RStr};
@@ -12,6 +13,7 @@ use antmesh_plugin_api::{
 };
 
 use super::loader::LoadedPlugin;
+use crate::log_budget::{log_limited, LogBudget};
 use crate::transport::{CloseError, EventReceiver, FrameBatch, Transport, TransportEvent};
 
 /// Events buffered per instance before `deliver` makes the plugin wait.
@@ -33,14 +35,42 @@ pub enum OpenError {
     },
 }
 
+thread_local! {
+    /// Set while this thread is inside a call from the host into a plugin.
+    static IN_PLUGIN_CALL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (a call into the plugin) with [`IN_PLUGIN_CALL`] set.
+fn plugin_call<T>(f: impl FnOnce() -> T) -> T {
+    let outer = IN_PLUGIN_CALL.with(|c| c.replace(true));
+    let r = f();
+    IN_PLUGIN_CALL.with(|c| c.set(outer));
+    r
+}
+
 #[derive(Clone)]
 struct ChannelHost {
     interface: Arc<str>,
     tx: async_channel::Sender<TransportEvent>,
+    /// Plugin log lines at info and above: traffic from strangers (connections accepted,
+    /// garbage refused) must not flood the node's log.
+    log_budget: Arc<Mutex<LogBudget>>,
+    /// Events dropped because the plugin called back from inside a host call while the
+    /// queue was full (waiting there would deadlock: the host is the one who drains it).
+    reentrant_drops: Arc<AtomicU64>,
 }
 
 impl ChannelHost {
     fn emit(&self, ev: TransportEvent) {
+        if IN_PLUGIN_CALL.with(Cell::get) {
+            if self.tx.try_send(ev).is_err() && !self.tx.is_closed() {
+                let n = self.reentrant_drops.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(interface = &*self.interface, dropped = n, "plugin delivered from inside a host call with the event queue full; events dropped");
+                }
+            }
+            return;
+        }
         // Blocks the plugin thread while the host is behind: that is inbound backpressure.
         // Fails only once the instance is closing, when the event no longer matters.
         let _ = self.tx.send_blocking(ev);
@@ -76,11 +106,15 @@ impl HostHandle for ChannelHost {
     fn log(&self, level: LogLevel, message: RStr<'_>) {
         let iface = &*self.interface;
         let msg = message.as_str();
+        if matches!(level, LogLevel::Debug) {
+            tracing::debug!(interface = iface, "{msg}");
+            return;
+        }
+        let mut budget = self.log_budget.lock().unwrap_or_else(|p| p.into_inner());
         match level {
-            LogLevel::Debug => tracing::debug!(interface = iface, "{msg}"),
-            LogLevel::Info => tracing::info!(interface = iface, "{msg}"),
-            LogLevel::Warn => tracing::warn!(interface = iface, "{msg}"),
-            LogLevel::Error => tracing::error!(interface = iface, "{msg}"),
+            LogLevel::Debug | LogLevel::Info => log_limited!(budget, info, interface = iface, "{msg}"),
+            LogLevel::Warn => log_limited!(budget, warn, interface = iface, "{msg}"),
+            LogLevel::Error => log_limited!(budget, error, interface = iface, "{msg}"),
         }
     }
 }
@@ -99,7 +133,12 @@ impl NativeTransport {
     /// Opens an instance of `plugin` named `interface` with the plugin's RON `config`.
     pub fn open(plugin: &LoadedPlugin, interface: &str, config: &str) -> Result<(Self, EventReceiver), OpenError> {
         let (tx, rx) = async_channel::bounded(EVENT_QUEUE);
-        let host = ChannelHost { interface: Arc::from(interface), tx: tx.clone() };
+        let host = ChannelHost {
+            interface: Arc::from(interface),
+            tx: tx.clone(),
+            log_budget: Arc::new(Mutex::new(LogBudget::new(5.0, 50))),
+            reentrant_drops: Arc::new(AtomicU64::new(0)),
+        };
         let handle = HostHandle_TO::from_ptr(RArc::new(host), TD_Opaque);
         let instance = (plugin.module.open())(RStr::from_str(config), handle).into_result().map_err(|source| {
             OpenError::Plugin { interface: interface.to_owned(), plugin: plugin.name().to_owned(), source }
@@ -144,14 +183,14 @@ impl Transport for NativeTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
-        self.instance.send(to, RSlice::from_slice(frame)).into_result()
+        plugin_call(|| self.instance.send(to, RSlice::from_slice(frame)).into_result())
     }
 
     fn send_batch(&self, frames: &[OutFrame<'_>]) -> BatchResult {
         if self.closed.load(Ordering::Acquire) {
             return BatchResult { accepted: 0, error: abi_stable::std_types::ROption::RSome(SendError::Closed) };
         }
-        self.instance.send_batch(RSlice::from_slice(frames))
+        plugin_call(|| self.instance.send_batch(RSlice::from_slice(frames)))
     }
 
     fn recv_pull(&self, slots: &mut [RecvSlot<'_>]) -> Option<usize> {
@@ -159,10 +198,7 @@ impl Transport for NativeTransport {
             return Some(0);
         }
         let n = slots.len();
-        self.instance
-            .recv_pull(RSliceMut::from_mut_slice(slots))
-            .into_option()
-            .map(|filled| (filled as usize).min(n))
+        plugin_call(|| self.instance.recv_pull(RSliceMut::from_mut_slice(slots)).into_option().map(|filled| (filled as usize).min(n)))
     }
 
     fn close(&self) -> Result<(), CloseError> {

@@ -11,12 +11,14 @@ use std::hash::Hash;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use antmesh_plugin_api::TransportAddr;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::admission::{self, Admission, AdmissionConfig, Admit, Slot};
 use super::crypto;
 use super::socket::{PluginSocket, SocketError};
 use crate::identity::{Identity, PeerId};
@@ -46,8 +48,20 @@ pub const CLOSE_DUPLICATE: u32 = 1;
 pub const CLOSE_SHUTDOWN: u32 = 2;
 /// Application close code: the peer is not who the dialler expected.
 pub const CLOSE_WRONG_PEER: u32 = 3;
+/// Application close code: this endpoint blocked the peer (it misbehaved).
+pub const CLOSE_BLOCKED: u32 = 4;
+
+/// Stream error code for a bidirectional stream refused because `accept_bi` is behind.
+const STREAM_BUSY: u32 = 0x42;
 
 /// Endpoint settings.
+///
+/// Memory a peer can pin on this endpoint is bounded by its settings: at most
+/// `connection_window` bytes buffered inside QUIC, `concurrent_reads` × `max_message_size`
+/// in messages being read, and `pending_bytes_per_peer` in messages waiting for `recv`
+/// (then its streams wait and QUIC flow control holds the peer), plus
+/// `pending_datagrams_per_peer` datagrams. [`P2pConfig::mesh_node`] sizes these for mesh
+/// traffic; [`P2pConfig::new`] for bulk transfers between trusted peers.
 #[derive(Clone)]
 pub struct P2pConfig {
     /// This node's identity.
@@ -60,13 +74,30 @@ pub struct P2pConfig {
     pub idle_timeout: Duration,
     /// Send keep-alives this often (None: never).
     pub keep_alive: Option<Duration>,
+    /// Give up on a handshake (either side) after this long.
+    pub handshake_timeout: Duration,
     /// Largest message `recv` accepts; longer streams are stopped.
     pub max_message_size: usize,
-    /// Messages buffered for `recv` before the sender is slowed down.
+    /// Messages buffered for `recv` (all peers) before senders are slowed down.
     pub recv_queue: usize,
-    /// Bytes one stream may have in flight (QUIC stream receive window); the connection
-    /// may send twice that across streams.
+    /// Bytes one stream may have in flight (QUIC stream receive window).
     pub stream_window: u32,
+    /// Bytes one peer may have in flight across all its streams (QUIC connection receive
+    /// window).
+    pub connection_window: u64,
+    /// Bidirectional streams a peer may have open at once (0: none, `accept_bi` never
+    /// yields).
+    pub max_bidi_streams: u32,
+    /// Unidirectional streams (messages) a peer may have open at once.
+    pub max_uni_streams: u32,
+    /// Messages of one peer read at once.
+    pub concurrent_reads: usize,
+    /// Message bytes of one peer waiting for `recv`; its further messages wait in QUIC.
+    pub pending_bytes_per_peer: usize,
+    /// Datagrams of one peer waiting for `recv_datagram`; more are dropped.
+    pub pending_datagrams_per_peer: usize,
+    /// Who may start a handshake, and when a Retry is sent first.
+    pub admission: AdmissionConfig,
 }
 
 /// The default stream window: 8 MiB. quinn's 1.25 MB default caps a single stream at
@@ -76,8 +107,14 @@ pub struct P2pConfig {
 /// allocation: memory is used only for data the application has not read yet.
 pub const DEFAULT_STREAM_WINDOW: u32 = 8 << 20;
 
+/// Largest mesh message a node takes from a neighbour: a full announce with its key is
+/// ~5.9 KB, everything else fits a datagram.
+pub const MESH_MAX_MESSAGE: usize = 64 << 10;
+
 impl P2pConfig {
-    /// Defaults for `identity` bound to `bind`.
+    /// Defaults for `identity` bound to `bind`, sized for bulk transfers: 8 MiB stream
+    /// windows, 16 MiB messages. Each peer may pin up to ~96 MiB (see the type's docs):
+    /// lower the windows where strangers connect, or use [`P2pConfig::mesh_node`].
     pub fn new(identity: Arc<Identity>, bind: SocketAddr) -> Self {
         P2pConfig {
             identity,
@@ -85,9 +122,33 @@ impl P2pConfig {
             bind,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Some(Duration::from_secs(10)),
+            handshake_timeout: Duration::from_secs(10),
             max_message_size: 16 * 1024 * 1024,
             recv_queue: 1024,
             stream_window: DEFAULT_STREAM_WINDOW,
+            connection_window: 2 * u64::from(DEFAULT_STREAM_WINDOW),
+            max_bidi_streams: 16,
+            max_uni_streams: 64,
+            concurrent_reads: 4,
+            pending_bytes_per_peer: 16 << 20,
+            pending_datagrams_per_peer: 256,
+            admission: AdmissionConfig::default(),
+        }
+    }
+
+    /// Settings for a mesh node open to strangers: messages up to [`MESH_MAX_MESSAGE`],
+    /// 64 KiB stream and 256 KiB connection windows, no bidirectional streams, and
+    /// [`AdmissionConfig::open`]. A peer pins at most ~768 KiB.
+    pub fn mesh_node(identity: Arc<Identity>, bind: SocketAddr) -> Self {
+        P2pConfig {
+            max_message_size: MESH_MAX_MESSAGE,
+            stream_window: MESH_MAX_MESSAGE as u32,
+            connection_window: 4 * MESH_MAX_MESSAGE as u64,
+            max_bidi_streams: 0,
+            max_uni_streams: 16,
+            pending_bytes_per_peer: 4 * MESH_MAX_MESSAGE,
+            admission: AdmissionConfig::open(),
+            ..P2pConfig::new(identity, bind)
         }
     }
 }
@@ -173,6 +234,14 @@ pub struct EndpointStats {
     pub bytes_sent: u64,
     /// Message bytes received.
     pub bytes_received: u64,
+    /// Initials answered with a Retry (the source had to prove its address).
+    pub retries_sent: u64,
+    /// Initials refused or ignored (limits, blocked sources).
+    pub handshakes_refused: u64,
+    /// Datagrams dropped because their peer's receive queue was full.
+    pub datagrams_dropped: u64,
+    /// Handshakes in flight now (inbound).
+    pub handshakes_in_flight: usize,
 }
 
 /// Why the endpoint could not start.
@@ -230,6 +299,12 @@ pub enum ConnectError {
     /// configuration; reported rather than assumed).
     #[error("peer presented no usable ML-DSA-65 key")]
     NoPeerKey,
+    /// The handshake did not complete within the handshake timeout.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The peer is blocked on this endpoint ([`P2pEndpoint::block`]).
+    #[error("{0} is blocked")]
+    Blocked(PeerId),
 }
 
 /// Why a message could not be sent.
@@ -265,6 +340,33 @@ pub enum RecvError {
 struct PeerEntry {
     conn: quinn::Connection,
     initiator: PeerId,
+}
+
+/// A message waiting for `recv`, holding its share of its peer's pending-bytes budget.
+type Pending = (PeerId, Vec<u8>, OwnedSemaphorePermit);
+
+/// A datagram waiting for `recv_datagram`, counted in its peer's queue until taken.
+struct QueuedDatagram {
+    peer: PeerId,
+    data: Vec<u8>,
+    _slot: Counted,
+}
+
+/// Counts one item against a per-peer counter while it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    /// Takes one unit of `counter` unless it is at `cap`.
+    fn take(counter: &Arc<AtomicUsize>, cap: usize) -> Option<Counted> {
+        counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(Counted(Arc::clone(counter)))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The client configuration of every dial, per expected peer (`None`: whoever answers),
@@ -307,14 +409,27 @@ struct Inner {
     transport: SharedTransport,
     peers: Mutex<HashMap<PeerId, PeerEntry>>,
     events: broadcast::Sender<P2pEvent>,
-    messages: mpsc::Sender<(PeerId, Vec<u8>)>,
-    datagrams: mpsc::Sender<(PeerId, Vec<u8>)>,
+    messages: mpsc::Sender<Pending>,
+    datagrams: mpsc::Sender<QueuedDatagram>,
     bi_streams: mpsc::Sender<(PeerId, quinn::SendStream, quinn::RecvStream)>,
     incoming: mpsc::Sender<PeerId>,
-    max_message_size: usize,
+    limits: PeerLimits,
+    admission: Arc<Mutex<Admission>>,
+    /// Peers refused until the instant (`block`).
+    blocked: Mutex<HashMap<PeerId, Instant>>,
     transport_cfg: Arc<quinn::TransportConfig>,
     client_configs: Mutex<ConfigCache<Option<PeerId>, quinn::ClientConfig>>,
     stats: Counters,
+}
+
+/// What one peer may hold of this endpoint's receive side.
+#[derive(Clone, Copy)]
+struct PeerLimits {
+    max_message_size: usize,
+    concurrent_reads: usize,
+    pending_bytes: usize,
+    pending_datagrams: usize,
+    handshake_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -326,6 +441,9 @@ struct Counters {
     received: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    retries: AtomicU64,
+    refused: AtomicU64,
+    datagrams_dropped: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -335,8 +453,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A QUIC peer-to-peer endpoint.
 pub struct P2pEndpoint {
     inner: Arc<Inner>,
-    messages: tokio::sync::Mutex<mpsc::Receiver<(PeerId, Vec<u8>)>>,
-    datagrams: tokio::sync::Mutex<mpsc::Receiver<(PeerId, Vec<u8>)>>,
+    messages: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
+    datagrams: tokio::sync::Mutex<mpsc::Receiver<QueuedDatagram>>,
     bi_streams: tokio::sync::Mutex<mpsc::Receiver<(PeerId, quinn::SendStream, quinn::RecvStream)>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<PeerId>>,
 }
@@ -357,6 +475,12 @@ impl P2pEndpoint {
         let transport_cfg = Arc::new(transport_config(&config));
         let mut server = quinn::ServerConfig::new(crypto::server_crypto(&config.identity)?, crypto::token_key()?);
         server.transport_config(Arc::clone(&transport_cfg));
+        // Initials wait in quinn only until `accept_loop` decides on them, which it does at
+        // once; these bound what a flood can park there meanwhile.
+        let incoming_cap = (config.admission.max_handshakes * 4).max(64);
+        server.max_incoming(incoming_cap);
+        server.incoming_buffer_size(16 << 10);
+        server.incoming_buffer_size_total(incoming_cap as u64 * (16 << 10));
         // Reset key and connection-ID key both come from the identity, so that after a
         // restart the node resets its peers' stale connections at once (they redial).
         let mut endpoint_cfg = quinn::EndpointConfig::new(crypto::reset_key_for(&config.identity));
@@ -385,7 +509,15 @@ impl P2pEndpoint {
             datagrams: dg_tx,
             bi_streams: bi_tx,
             incoming: in_tx,
-            max_message_size: config.max_message_size,
+            limits: PeerLimits {
+                max_message_size: config.max_message_size,
+                concurrent_reads: config.concurrent_reads.max(1),
+                pending_bytes: config.pending_bytes_per_peer.clamp(1, u32::MAX as usize),
+                pending_datagrams: config.pending_datagrams_per_peer.max(1),
+                handshake_timeout: config.handshake_timeout,
+            },
+            admission: Arc::new(Mutex::new(Admission::new(config.admission.clone()))),
+            blocked: Mutex::new(HashMap::new()),
             transport_cfg,
             client_configs: Mutex::new(ConfigCache::new(CLIENT_CONFIG_CACHE)),
             stats: Counters::default(),
@@ -439,7 +571,12 @@ impl P2pEndpoint {
     async fn dial(&self, addr: SocketAddr, expected: Option<PeerId>) -> Result<PeerId, ConnectError> {
         let client = self.client_config(expected)?;
         let connecting = self.inner.endpoint.connect_with(client, addr, SERVER_NAME)?;
-        let conn = match connecting.await {
+        // Dropping `connecting` at the deadline closes the attempt.
+        let Ok(done) = tokio::time::timeout(self.inner.limits.handshake_timeout, connecting).await else {
+            self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnectError::Timeout);
+        };
+        let conn = match done {
             Ok(c) => c,
             Err(e) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -459,8 +596,12 @@ impl P2pEndpoint {
                 return Err(ConnectError::WrongPeer { expected: want, actual: peer });
             }
         }
+        if is_blocked(&self.inner, &peer) {
+            conn.close(CLOSE_BLOCKED.into(), b"blocked");
+            return Err(ConnectError::Blocked(peer));
+        }
         self.inner.stats.dialled.fetch_add(1, Ordering::Relaxed);
-        register(&self.inner, conn, peer, Side::Dialled);
+        register(&self.inner, conn, peer, Side::Dialled, None);
         Ok(peer)
     }
 
@@ -480,9 +621,11 @@ impl P2pEndpoint {
         Ok(())
     }
 
-    /// The next message from any peer.
+    /// The next message from any peer. Taking it frees its bytes in the sender's
+    /// pending budget (`pending_bytes_per_peer`).
     pub async fn recv(&self) -> Result<(PeerId, Vec<u8>), RecvError> {
-        self.messages.lock().await.recv().await.ok_or(RecvError::Shutdown)
+        let (peer, data, _budget) = self.messages.lock().await.recv().await.ok_or(RecvError::Shutdown)?;
+        Ok((peer, data))
     }
 
     /// Sends one unreliable datagram (QUIC DATAGRAM frame, RFC 9221) to `peer`, waiting
@@ -501,10 +644,12 @@ impl P2pEndpoint {
         self.connection(peer)?.max_datagram_size()
     }
 
-    /// The next datagram from any peer. Datagrams that arrive while this queue is full are
-    /// dropped (they are unreliable by nature).
+    /// The next datagram from any peer. Datagrams that arrive while their peer already
+    /// has `pending_datagrams_per_peer` waiting, or while this queue is full, are dropped
+    /// (they are unreliable by nature; one busy peer cannot crowd out the others).
     pub async fn recv_datagram(&self) -> Result<(PeerId, Vec<u8>), RecvError> {
-        self.datagrams.lock().await.recv().await.ok_or(RecvError::Shutdown)
+        let d = self.datagrams.lock().await.recv().await.ok_or(RecvError::Shutdown)?;
+        Ok((d.peer, d.data))
     }
 
     /// Opens a bidirectional stream to `peer`.
@@ -544,7 +689,35 @@ impl P2pEndpoint {
             messages_received: s.received.load(Ordering::Relaxed),
             bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
             bytes_received: s.bytes_received.load(Ordering::Relaxed),
+            retries_sent: s.retries.load(Ordering::Relaxed),
+            handshakes_refused: s.refused.load(Ordering::Relaxed),
+            datagrams_dropped: s.datagrams_dropped.load(Ordering::Relaxed),
+            handshakes_in_flight: lock(&self.inner.admission).counts().0,
         }
+    }
+
+    /// Closes the connection to `peer` and refuses it, and new handshakes from the IP it
+    /// connected from, for `duration`: for a peer caught misbehaving (forged signatures,
+    /// floods). Returns whether it was connected.
+    pub fn block(&self, peer: &PeerId, duration: Duration) -> bool {
+        let now = Instant::now();
+        let until = now + duration;
+        {
+            let mut blocked = lock(&self.inner.blocked);
+            if blocked.len() >= MAX_BLOCKED_PEERS {
+                blocked.retain(|_, u| *u > now);
+            }
+            if blocked.len() < MAX_BLOCKED_PEERS {
+                blocked.insert(*peer, until);
+            }
+        }
+        let entry = lock(&self.inner.peers).remove(peer);
+        let Some(e) = entry else { return false };
+        let ip = admission::source_ip(e.conn.remote_address());
+        lock(&self.inner.admission).block(now, ip, until);
+        e.conn.close(CLOSE_BLOCKED.into(), b"blocked");
+        let _ = self.inner.events.send(P2pEvent::PeerDisconnected { peer: *peer, reason: DisconnectReason::Local });
+        true
     }
 
     /// Closes the connection to `peer`. Returns whether there was one.
@@ -596,9 +769,23 @@ impl P2pEndpoint {
     }
 }
 
+/// Most peers remembered as blocked.
+const MAX_BLOCKED_PEERS: usize = 4096;
+
+fn is_blocked(inner: &Inner, peer: &PeerId) -> bool {
+    lock(&inner.blocked).get(peer).is_some_and(|u| *u > Instant::now())
+}
+
 fn transport_config(config: &P2pConfig) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(config.stream_window.into());
+    // quinn's default connection window is unlimited: a peer could then buffer a full
+    // stream window on every stream it may open.
+    t.receive_window(quinn::VarInt::from_u64(config.connection_window.max(u64::from(config.stream_window))).unwrap_or(quinn::VarInt::MAX));
+    t.max_concurrent_bidi_streams(config.max_bidi_streams.into());
+    t.max_concurrent_uni_streams(config.max_uni_streams.into());
+    // Unread datagrams quinn keeps per connection; the reader takes them at once.
+    t.datagram_receive_buffer_size(Some((config.pending_datagrams_per_peer.max(1) * 1500).min(1 << 20)));
     t.send_window(u64::from(config.stream_window) * 2);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
     t.keep_alive_interval(config.keep_alive);
@@ -607,30 +794,69 @@ fn transport_config(config: &P2pConfig) -> quinn::TransportConfig {
 
 async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
+        let ip = admission::source_ip(incoming.remote_address());
+        let decision = lock(&inner.admission).decide(Instant::now(), ip, incoming.remote_address_validated());
+        match decision {
+            Admit::Accept => {}
+            Admit::Retry => {
+                inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+                if incoming.may_retry() {
+                    let _ = incoming.retry();
+                } else {
+                    incoming.ignore();
+                }
+                continue;
+            }
+            Admit::Ignore(why) => {
+                inner.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%ip, ?why, "Initial ignored");
+                incoming.ignore();
+                continue;
+            }
+            Admit::Refuse(why) => {
+                inner.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%ip, ?why, "Initial refused");
+                incoming.refuse();
+                continue;
+            }
+        }
+        let mut slot = Slot::handshake(Arc::clone(&inner.admission), ip);
         let inner = Arc::clone(&inner);
         tokio::spawn(async move {
-            let conn = match incoming.await {
+            let failed = |e: &dyn std::fmt::Display| {
+                inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%ip, "incoming handshake failed: {e}");
+            };
+            let connecting = match incoming.accept() {
                 Ok(c) => c,
-                Err(e) => {
-                    inner.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("incoming handshake failed: {e}");
-                    return;
-                }
+                Err(e) => return failed(&e),
+            };
+            // Dropping `connecting` at the deadline closes the attempt (and the slot).
+            let conn = match tokio::time::timeout(inner.limits.handshake_timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return failed(&e),
+                Err(_) => return failed(&"timed out"),
             };
             let Some(peer) = crypto::peer_id_of(&conn) else {
                 conn.close(CLOSE_WRONG_PEER.into(), b"no peer key");
                 return;
             };
+            if is_blocked(&inner, &peer) {
+                conn.close(CLOSE_BLOCKED.into(), b"blocked");
+                return;
+            }
+            slot.established();
             inner.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            register(&inner, conn, peer, Side::Accepted);
+            register(&inner, conn, peer, Side::Accepted, Some(slot));
             let _ = inner.incoming.try_send(peer);
         });
     }
 }
 
 /// Records a new connection (resolving duplicates the same way on both ends) and starts
-/// its stream readers.
-fn register(inner: &Arc<Inner>, conn: quinn::Connection, peer: PeerId, side: Side) {
+/// its stream readers. An inbound connection brings its admission slot, held until it
+/// closes.
+fn register(inner: &Arc<Inner>, conn: quinn::Connection, peer: PeerId, side: Side, slot: Option<Slot>) {
     let initiator = match side {
         Side::Dialled => inner.me,
         Side::Accepted => peer,
@@ -655,31 +881,46 @@ fn register(inner: &Arc<Inner>, conn: quinn::Connection, peer: PeerId, side: Sid
     tokio::spawn(read_uni(Arc::clone(inner), conn.clone(), peer));
     tokio::spawn(read_datagrams(Arc::clone(inner), conn.clone(), peer));
     tokio::spawn(read_bi(Arc::clone(inner), conn.clone(), peer));
-    tokio::spawn(watch_close(Arc::clone(inner), conn, peer));
+    tokio::spawn(watch_close(Arc::clone(inner), conn, peer, slot));
 }
 
 async fn read_datagrams(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
+    let queued = Arc::new(AtomicUsize::new(0));
     while let Ok(d) = conn.read_datagram().await {
         inner.stats.received.fetch_add(1, Ordering::Relaxed);
         inner.stats.bytes_received.fetch_add(d.len() as u64, Ordering::Relaxed);
-        if inner.datagrams.try_send((peer, d.to_vec())).is_err() {
+        let sent = Counted::take(&queued, inner.limits.pending_datagrams)
+            .is_some_and(|slot| inner.datagrams.try_send(QueuedDatagram { peer, data: d.to_vec(), _slot: slot }).is_ok());
+        if !sent {
+            inner.stats.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(%peer, "datagram dropped: receive queue full");
         }
     }
 }
 
+/// Reads the peer's messages: at most `concurrent_reads` at once, and at most
+/// `pending_bytes` of them waiting for `recv`. Beyond that its streams stay unaccepted in
+/// QUIC, which stops granting it new ones: the peer is slowed, nobody else is.
 async fn read_uni(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
-    while let Ok(mut s) = conn.accept_uni().await {
+    let limits = inner.limits;
+    let readers = Arc::new(Semaphore::new(limits.concurrent_reads));
+    let pending = Arc::new(Semaphore::new(limits.pending_bytes));
+    loop {
+        let Ok(reader) = Arc::clone(&readers).acquire_owned().await else { return };
+        let Ok(mut s) = conn.accept_uni().await else { return };
         let inner = Arc::clone(&inner);
+        let pending = Arc::clone(&pending);
         tokio::spawn(async move {
-            match s.read_to_end(inner.max_message_size).await {
+            match s.read_to_end(limits.max_message_size).await {
                 Ok(data) => {
                     inner.stats.received.fetch_add(1, Ordering::Relaxed);
                     inner.stats.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
                     let _ = inner.events.send(P2pEvent::DataReceived { peer, bytes: data.len() });
-                    // Backpressure: a full queue holds this stream (and QUIC flow control
-                    // slows the sender) until the application reads.
-                    let _ = inner.messages.send((peer, data)).await;
+                    // A message larger than the whole budget takes all of it.
+                    let n = data.len().clamp(1, limits.pending_bytes) as u32;
+                    let Ok(budget) = pending.acquire_many_owned(n).await else { return };
+                    drop(reader);
+                    let _ = inner.messages.send((peer, data, budget)).await;
                 }
                 Err(e) => tracing::debug!(%peer, "message stream failed: {e}"),
             }
@@ -691,12 +932,17 @@ async fn read_bi(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let inner = Arc::clone(&inner);
         // Each stream's prefix is read on its own task: a peer that opens a stream and
-        // never writes must not hold up the next one.
+        // never writes must not hold up the next one (it holds one of its own
+        // `max_bidi_streams`, nothing more).
         tokio::spawn(async move {
             let mut magic = [0u8; 8];
             match recv.read_exact(&mut magic).await {
                 Ok(()) if &magic == APP_BIDI_STREAM_MAGIC => {
-                    let _ = inner.bi_streams.send((peer, send, recv)).await;
+                    if let Err(mpsc::error::TrySendError::Full((_, mut send, mut recv))) = inner.bi_streams.try_send((peer, send, recv)) {
+                        // `accept_bi` is behind: refuse rather than park the stream.
+                        let _ = recv.stop(STREAM_BUSY.into());
+                        let _ = send.reset(STREAM_BUSY.into());
+                    }
                 }
                 Ok(()) => {
                     tracing::debug!(%peer, "refused a bidirectional stream without the application prefix");
@@ -709,8 +955,9 @@ async fn read_bi(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
     }
 }
 
-async fn watch_close(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId) {
+async fn watch_close(inner: Arc<Inner>, conn: quinn::Connection, peer: PeerId, slot: Option<Slot>) {
     let err = conn.closed().await;
+    drop(slot);
     let was_current = {
         let mut peers = lock(&inner.peers);
         match peers.get(&peer) {
