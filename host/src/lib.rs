@@ -9,6 +9,7 @@
 //! machines live in sans-IO modules that take `now` as a parameter; only [`daemon`] owns
 //! sockets, timers and the runtime.
 
+pub mod budget;
 pub mod config;
 pub mod daemon;
 pub mod identity;

@@ -7,20 +7,19 @@
 
 use std::time::Instant;
 
+use crate::budget::Limiter;
+
 /// A token bucket of log lines.
 #[derive(Debug, Clone)]
 pub struct LogBudget {
-    tokens: f64,
-    at: Option<Instant>,
-    per_sec: f64,
-    burst: f64,
+    lines: Limiter,
     suppressed: u64,
 }
 
 impl LogBudget {
     /// At most `burst` lines at once, refilled at `per_sec`.
     pub const fn new(per_sec: f64, burst: u32) -> LogBudget {
-        LogBudget { tokens: burst as f64, at: None, per_sec, burst: burst as f64, suppressed: 0 }
+        LogBudget { lines: Limiter::new(per_sec, burst), suppressed: 0 }
     }
 
     /// The default for remote-triggered lines: a burst of 20, then 2 per second.
@@ -31,11 +30,7 @@ impl LogBudget {
     /// Whether a line may be logged at `now`; if so, how many were suppressed since the
     /// last one that was.
     pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        let since = self.at.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        self.tokens = (self.tokens + since * self.per_sec).min(self.burst);
-        self.at = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.lines.allow(now) {
             Some(std::mem::take(&mut self.suppressed))
         } else {
             self.suppressed += 1;

@@ -27,15 +27,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::budget::{KeyedLimiter, Limiter};
 use crate::identity::{Identity, PeerId};
 use crate::log_budget::{log_limited, LogBudget};
 use crate::mesh::dest::{DestinationHash, ServiceName};
 use crate::mesh::router::{MeshEvent, NeighbourId, NeighbourInfo, Router, RouterConfig};
 use crate::mesh::sealed::{NodeKem, RemoteKem};
-use crate::mesh::store::MeshStore;
 use crate::quic::endpoint::P2pEndpoint;
 
 use super::inbox::{Inbox, Item};
+use super::persist::Persistence;
 
 /// Message type byte of a mesh packet between neighbours.
 pub const MSG_MESH: u8 = 0x02;
@@ -204,7 +205,7 @@ pub struct HubConfig {
     pub store: Option<PathBuf>,
     /// Re-announce the node's destination this often.
     pub announce_interval: Duration,
-    /// Save the store this often (and at shutdown).
+    /// Save the store's changes at most this often (and at shutdown).
     pub save_interval: Duration,
 }
 
@@ -235,25 +236,33 @@ struct Hub {
     neighbours: HashMap<NeighbourId, (NeighbourKey, NeighbourTx)>,
     ids: HashMap<NeighbourKey, NeighbourId>,
     next_id: u32,
-    store: Option<Arc<MeshStore>>,
+    persist: Option<Persistence>,
     waiters: Vec<Waiter>,
     e2e_sessions: u64,
-    /// Paths changed since the last save.
-    dirty: bool,
-    /// Payloads for destinations without a path yet (a path request is out), with the
-    /// instant they are dropped.
-    held: Vec<(DestinationHash, Vec<u8>, Instant)>,
+    /// Payloads for destinations without a path yet (a path request is out).
+    held: Vec<Held>,
     /// When a path request last went out, per destination (`ask_path`).
     asked: HashMap<DestinationHash, Instant>,
+    /// Path requests made to answer remote peers: an allowance of their own, so that
+    /// spoofed reply-to destinations cannot spend the node's.
+    answer_requests: Limiter,
     /// This node's sealing key and its signed record.
     kem: NodeKem,
     kem_record: Vec<u8>,
-    /// Verified sealing keys of other destinations.
+    /// Verified sealing keys of other destinations, oldest first in `remote_kem_order`.
     remote_kems: HashMap<DestinationHash, RemoteKem>,
-    /// When a key request last went out, per destination.
-    key_asked: HashMap<DestinationHash, Instant>,
+    remote_kem_order: std::collections::VecDeque<DestinationHash>,
+    /// Key requests out: when, and how many records were checked for each since.
+    key_asked: HashMap<DestinationHash, (Instant, u8)>,
     /// When a key record was last sent, per reply-to destination.
     key_answered: HashMap<DestinationHash, Instant>,
+    /// Key records sent in all, and per neighbour the requests came through.
+    key_answers: Limiter,
+    key_answers_by_hop: KeyedLimiter<NeighbourId>,
+    /// ML-KEM decapsulations of sealed packets, in all and per neighbour they came through.
+    decaps: Limiter,
+    decaps_by_hop: KeyedLimiter<NeighbourId>,
+    inbox: Arc<HubInbox>,
     rng: crate::link::crypto::Rng,
     /// Packets dropped because a neighbour's send queue was full.
     send_dropped: u64,
@@ -289,10 +298,29 @@ impl Default for Logs {
 /// End-to-end links idle this long are closed (a send opens one again).
 const E2E_IDLE: Duration = Duration::from_secs(300);
 
-/// How long a payload waits for a path.
+/// A payload waiting for a path.
+struct Held {
+    dest: DestinationHash,
+    payload: Vec<u8>,
+    until: Instant,
+    /// Sent to answer a remote peer (a probe reply, a key record, a link reply), not on
+    /// this node's own behalf.
+    answer: bool,
+}
+
+/// How long a payload of this node's own waits for a path.
 const HOLD: Duration = Duration::from_secs(30);
-/// Most payloads held.
-const MAX_HELD: usize = 256;
+/// How long an answer to a remote peer waits for a path.
+const HOLD_ANSWER: Duration = Duration::from_secs(10);
+/// Most payloads of this node's own held.
+const MAX_HELD: usize = 192;
+/// Most answers held: a flood of requests with spoofed reply-to destinations evicts only
+/// other answers.
+const MAX_HELD_ANSWERS: usize = 64;
+/// How long a key request waits for its record; how many records are checked per request
+/// (a forger may answer first).
+const KEY_WAIT: Duration = Duration::from_secs(60);
+const KEY_TRIES: u8 = 4;
 /// How long a probe waits for its reply before it is sent again.
 const PROBE_AGAIN: Duration = Duration::from_secs(2);
 /// How often path requests for held payloads are repeated.
@@ -336,22 +364,23 @@ pub async fn run(
             return HubSummary::default();
         }
     };
-    let store = cfg.store.as_ref().and_then(|p| match MeshStore::open(p) {
-        Ok(s) => Some(Arc::new(s)),
-        Err(e) => {
-            tracing::error!("{e}; paths will not persist");
-            None
-        }
-    });
-    if let Some(s) = &store {
-        match s.load(unix_ms()) {
-            Ok(snap) => {
-                tracing::info!(paths = snap.paths.len(), announces = snap.announces.len(), keys = snap.keys.len(), "mesh state loaded");
-                router.restore(now, snap);
+    let persist = match cfg.store.clone() {
+        Some(path) => {
+            let interval = cfg.save_interval;
+            match tokio::task::spawn_blocking(move || Persistence::open(path, interval)).await {
+                Ok((p, snap)) => {
+                    tracing::info!(paths = snap.paths.len(), announces = snap.announces.len(), keys = snap.keys.len(), "mesh state loaded");
+                    router.restore(now, snap);
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::error!("opening the mesh store failed: {e}; paths will not persist");
+                    None
+                }
             }
-            Err(e) => tracing::warn!("mesh store unreadable, starting empty: {e}"),
         }
-    }
+        None => None,
+    };
     tracing::info!(dest = %node_dest, service = NODE_SERVICE, "node destination");
     let kem = NodeKem::for_identity(&me);
     let kem_record = match kem.record(&me, &node_dest) {
@@ -378,44 +407,54 @@ pub async fn run(
         neighbours: HashMap::new(),
         ids: HashMap::new(),
         next_id: 0,
-        store,
+        persist,
         waiters: Vec::new(),
         e2e_sessions: 0,
-        dirty: false,
         held: Vec::new(),
         asked: HashMap::new(),
+        answer_requests: Limiter::new(0.5, 4),
         kem,
         kem_record,
         remote_kems: HashMap::new(),
+        remote_kem_order: std::collections::VecDeque::new(),
         key_asked: HashMap::new(),
         key_answered: HashMap::new(),
+        key_answers: Limiter::new(1.0, 4),
+        key_answers_by_hop: KeyedLimiter::new(0.1, 2, 4096),
+        decaps: Limiter::new(200.0, 400),
+        decaps_by_hop: KeyedLimiter::new(20.0, 40, 4096),
+        inbox: Arc::clone(&inbox),
         rng: crate::link::crypto::Rng::from_seed(rng_seed),
         send_dropped: 0,
         logs: Logs::default(),
     };
     let mut next_announce = tokio::time::Instant::now() + cfg.announce_interval;
-    let mut next_save = tokio::time::Instant::now() + cfg.save_interval;
     loop {
         hub.flush();
-        if hub.dirty {
-            // Paths changed: save soon, so that a crash loses at most a couple of seconds.
-            next_save = next_save.min(tokio::time::Instant::now() + Duration::from_secs(2));
-        }
         let now = Instant::now();
-        let held = hub.held.iter().map(|(_, _, t)| *t).min().map(|t| t.min(now + REQUEST_AGAIN));
-        let wake = [hub.router.poll_timeout(now), hub.links.poll_timeout(now), hub.next_waiter_deadline(), held]
+        if let Some(p) = hub.persist.as_mut() {
+            p.maybe_start(now, &mut hub.router);
+        }
+        let held = hub.held.iter().map(|h| h.until).min().map(|t| t.min(now + REQUEST_AGAIN));
+        let save = hub.persist.as_ref().and_then(|p| p.next_wake(hub.router.has_changes()));
+        let wake = [hub.router.poll_timeout(now), hub.links.poll_timeout(now), hub.next_waiter_deadline(), held, save]
             .into_iter()
             .flatten()
             .min()
             .map(tokio::time::Instant::from_std)
             .unwrap_or(next_announce)
-            .min(next_announce)
-            .min(next_save);
+            .min(next_announce);
+        let saving = hub.persist.as_ref().is_some_and(Persistence::is_saving);
         tokio::select! {
             biased;
             () = stop.notified() => break,
             // Operator requests first: a flood on the inbox must not starve `status`.
             Some(ControlRequest { request, reply }) = control.recv() => hub.on_control(Instant::now(), request, reply),
+            outcome = async { match hub.persist.as_mut() { Some(p) => p.finished().await, None => std::future::pending().await } }, if saving => {
+                if let Some(p) = hub.persist.as_mut() {
+                    p.on_finished(Instant::now(), outcome, &mut hub.router);
+                }
+            }
             item = inbox.pop() => match item {
                 Some((key, item)) => {
                     hub.on_item(key, item);
@@ -436,54 +475,61 @@ pub async fn run(
                     hub.announce(now);
                     next_announce = tokio::time::Instant::now() + cfg.announce_interval;
                 }
-                if tokio::time::Instant::now() >= next_save {
-                    hub.save().await;
-                    hub.dirty = false;
-                    next_save = tokio::time::Instant::now() + cfg.save_interval;
-                }
             }
         }
     }
-    hub.save().await;
+    if let Some(p) = hub.persist.as_mut() {
+        p.flush(&mut hub.router).await;
+    }
     HubSummary { paths: hub.router.paths().count(), e2e_sessions: hub.e2e_sessions }
 }
 
 impl Hub {
-    /// Asks the mesh for a path to `dest`, at most once per `REQUEST_AGAIN` per destination.
-    fn ask_path(&mut self, now: Instant, dest: DestinationHash) {
+    /// Asks the mesh for a path to `dest`, at most once per `REQUEST_AGAIN` per
+    /// destination; for an answer to a remote peer (`answer`), only within the answers'
+    /// own allowance.
+    fn ask_path(&mut self, now: Instant, dest: DestinationHash, answer: bool) {
         if self.asked.get(&dest).is_some_and(|t| *t + REQUEST_AGAIN > now) {
             return;
         }
-        self.asked.retain(|_, t| *t + REQUEST_AGAIN > now);
+        if answer && !self.answer_requests.allow(now) {
+            return;
+        }
+        if self.asked.len() >= 1024 {
+            self.asked.retain(|_, t| *t + REQUEST_AGAIN > now);
+        }
         self.asked.insert(dest, now);
         self.router.request_path(now, dest);
     }
 
     /// Sends `payload` to `dest`, or holds it (and asks for a path) until one is known.
-    fn send_or_hold(&mut self, now: Instant, dest: DestinationHash, payload: Vec<u8>) {
+    /// Answers to remote peers (`answer`) have their own, smaller share of the hold.
+    fn send_or_hold(&mut self, now: Instant, dest: DestinationHash, payload: Vec<u8>, answer: bool) {
         if self.router.send_to(dest, &payload).is_ok() {
             return;
         }
-        self.ask_path(now, dest);
-        if self.held.len() >= MAX_HELD {
-            self.held.remove(0);
+        self.ask_path(now, dest, answer);
+        let (cap, hold) = if answer { (MAX_HELD_ANSWERS, HOLD_ANSWER) } else { (MAX_HELD, HOLD) };
+        if self.held.iter().filter(|h| h.answer == answer).count() >= cap {
+            if let Some(i) = self.held.iter().position(|h| h.answer == answer) {
+                self.held.remove(i);
+            }
         }
-        self.held.push((dest, payload, now + HOLD));
+        self.held.push(Held { dest, payload, until: now + hold, answer });
     }
 
     /// Sends what waited for a path that is now known; drops what waited too long; asks
     /// again for the paths still missing every few seconds (a neighbour that could answer
     /// may have come up since).
     fn release_held(&mut self, now: Instant) {
-        let held = std::mem::take(&mut self.held);
-        for (dest, payload, until) in held {
-            if self.router.resolve(&dest).is_some() {
-                let _ = self.router.send_to(dest, &payload);
-            } else if until > now {
-                self.ask_path(now, dest);
-                self.held.push((dest, payload, until));
+        for h in std::mem::take(&mut self.held) {
+            if self.router.resolve(&h.dest).is_some() {
+                let _ = self.router.send_to(h.dest, &h.payload);
+            } else if h.until > now {
+                self.ask_path(now, h.dest, h.answer);
+                self.held.push(h);
             } else {
-                tracing::debug!(%dest, "no path appeared; payload dropped");
+                tracing::debug!(dest = %h.dest, "no path appeared; payload dropped");
             }
         }
     }
@@ -492,20 +538,6 @@ impl Hub {
         let d = self.node_dest;
         if let Err(e) = self.router.announce(now, &d) {
             tracing::warn!("announce failed: {e}");
-        }
-    }
-
-    /// Saves the router's state. The write (a full rewrite with fsync) runs on a blocking
-    /// thread; the hub waits for it, so saves never overlap and shutdown saves everything.
-    async fn save(&self) {
-        if let Some(s) = &self.store {
-            let snap = self.router.snapshot(Instant::now());
-            let store = Arc::clone(s);
-            match tokio::task::spawn_blocking(move || store.save(&snap)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("{e}"),
-                Err(e) => tracing::warn!("mesh store save task failed: {e}"),
-            }
         }
     }
 
@@ -567,6 +599,8 @@ impl Hub {
                     "peer_id": self.me.peer_id().to_hex(),
                     "node_dest": self.node_dest.to_hex(),
                     "neighbours": self.neighbours.values().map(|(k, _)| json!({"interface": k.iface, "peer": k.peer.to_hex()})).collect::<Vec<_>>(),
+                    "counters": self.counters(),
+                    "store": self.persist.as_ref().map(Persistence::status),
                 }));
             }
             "paths" => {
@@ -599,7 +633,7 @@ impl Hub {
                 Ok(d) => {
                     let id: [u8; 8] = self.rng.bytes();
                     if self.router.resolve(&d).is_none() {
-                        self.ask_path(now, d);
+                        self.ask_path(now, d, false);
                     }
                     self.waiters.push(Waiter::Probe { dest: d, id, sent: None, deadline: now + timeout, reply });
                     self.check_waiters(now);
@@ -612,7 +646,7 @@ impl Hub {
                 Ok(d) => {
                     let data = req.get("data").and_then(Value::as_str).unwrap_or_default().as_bytes().to_vec();
                     if self.router.resolve(&d).is_none() {
-                        self.ask_path(now, d);
+                        self.ask_path(now, d, false);
                     }
                     let deadline = now + timeout;
                     if req.get("sealed").and_then(Value::as_bool) == Some(true) {
@@ -630,6 +664,27 @@ impl Hub {
                 let _ = reply.send(json!({"ok": false, "error": format!("unknown command `{other}`")}));
             }
         }
+    }
+
+    /// What the node refused or dropped, and why: for operators and the hostile-peer suite.
+    fn counters(&self) -> Value {
+        let r = self.router.stats();
+        let (destinations, unverified) = self.router.destinations();
+        json!({
+            "paths": self.router.paths().count(),
+            "destinations": destinations,
+            "unverified": unverified,
+            "packets_in": r.packets_in,
+            "packets_dropped": r.dropped,
+            "signatures_verified": r.verified,
+            "neighbour_limited": r.neighbour_limited,
+            "identity_limited": r.rate_limited,
+            "evicted": r.evicted,
+            "inbox_dropped": self.inbox.dropped(),
+            "send_dropped": self.send_dropped,
+            "held": self.held.len(),
+            "remote_kems": self.remote_kems.len(),
+        })
     }
 
     fn next_waiter_deadline(&self) -> Option<Instant> {
@@ -672,7 +727,7 @@ impl Hub {
                         }
                     }
                     if self.router.resolve(&dest).is_none() {
-                        self.ask_path(now, dest);
+                        self.ask_path(now, dest, false);
                     }
                     self.waiters.push(Waiter::Probe { dest, id, sent, deadline, reply });
                 }
@@ -687,7 +742,7 @@ impl Hub {
                                 Ok(sealed) => {
                                     let mut payload = vec![SEALED];
                                     payload.extend_from_slice(&sealed);
-                                    self.send_or_hold(now, dest, payload);
+                                    self.send_or_hold(now, dest, payload, false);
                                     json!({"ok": true, "dest": dest.to_hex(), "sealed": true, "bytes": sealed.len()})
                                 }
                                 Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -697,11 +752,14 @@ impl Hub {
                         None => {
                             // Ask the destination for its signed sealing key, at most every
                             // few seconds.
-                            if self.key_asked.get(&dest).is_none_or(|t| *t + REQUEST_AGAIN <= now) {
-                                self.key_asked.insert(dest, now);
+                            if self.key_asked.get(&dest).is_none_or(|(t, _)| *t + REQUEST_AGAIN <= now) {
+                                if self.key_asked.len() >= 1024 {
+                                    self.key_asked.retain(|_, (t, _)| *t + KEY_WAIT > now);
+                                }
+                                self.key_asked.insert(dest, (now, 0));
                                 let mut payload = vec![KEY_REQUEST];
                                 payload.extend_from_slice(&self.node_dest.0);
-                                self.send_or_hold(now, dest, payload);
+                                self.send_or_hold(now, dest, payload, false);
                             }
                             self.waiters.push(Waiter::Sealed { dest, data, deadline, reply });
                         }
@@ -731,7 +789,7 @@ impl Hub {
                         }
                         _ => {
                             if self.router.resolve(&dest).is_none() {
-                                self.ask_path(now, dest);
+                                self.ask_path(now, dest, false);
                             }
                             self.waiters.push(Waiter::Send { dest, data, deadline, reply });
                         }
@@ -748,7 +806,10 @@ impl Hub {
             let mut progress = false;
             while let Some((dest, payload)) = self.links.poll_payload(now) {
                 progress = true;
-                self.send_or_hold(now, dest, payload);
+                // Frames of a link this node dialled are its own; the rest answer a peer
+                // whose reply-to destination nobody has proven yet.
+                let answer = !self.links.dialled(&dest);
+                self.send_or_hold(now, dest, payload, answer);
             }
             while let Some((to, bytes)) = self.router.poll_transmit(now) {
                 progress = true;
@@ -781,15 +842,13 @@ impl Hub {
     fn on_mesh_event(&mut self, now: Instant, ev: MeshEvent) {
         match ev {
             MeshEvent::PathLearned { dest, peer, next_hop, hops } => {
-                self.dirty = true;
                 let via = self.neighbours.get(&next_hop).map(|(k, _)| k.iface.clone()).unwrap_or_default();
                 log_limited!(self.logs.path, info, %dest, %peer, hops, interface = %via, "path learned");
             }
             MeshEvent::PathLost { dest } => {
-                self.dirty = true;
                 log_limited!(self.logs.path, info, %dest, "path lost");
             }
-            MeshEvent::Delivered { dest, payload } if dest == self.node_dest => self.on_delivered(now, &payload),
+            MeshEvent::Delivered { dest, payload, from } if dest == self.node_dest => self.on_delivered(now, from, &payload),
             MeshEvent::Delivered { dest, .. } => tracing::debug!(%dest, "data for an unused local destination"),
             MeshEvent::Forwarded { dest, payload } => {
                 tracing::trace!(%dest, bytes = payload.len(), payload = %hex::encode(&payload), "forwarded");
@@ -797,14 +856,16 @@ impl Hub {
         }
     }
 
-    fn on_delivered(&mut self, now: Instant, payload: &[u8]) {
+    /// A payload for the node destination; `from` is the neighbour it came through (its
+    /// origin is unknown: payloads are not signed), whose allowances it is charged to.
+    fn on_delivered(&mut self, now: Instant, from: Option<NeighbourId>, payload: &[u8]) {
         match payload.split_first() {
             Some((&PROBE, rest)) if rest.len() == 24 => {
                 let mut back = [0u8; 16];
                 back.copy_from_slice(&rest[8..24]);
                 let mut answer = vec![PROBE_REPLY];
                 answer.extend_from_slice(&rest[..8]);
-                self.send_or_hold(now, DestinationHash(back), answer);
+                self.send_or_hold(now, DestinationHash(back), answer, true);
             }
             Some((&PROBE_REPLY, rest)) if rest.len() == 8 => {
                 let waiters = std::mem::take(&mut self.waiters);
@@ -824,46 +885,72 @@ impl Hub {
                 let mut back = [0u8; 16];
                 back.copy_from_slice(rest);
                 // A 17-byte request draws a 6.4 KB answer towards an unauthenticated
-                // reply-to: answer each destination at most once per KEY_ANSWER_EVERY, and
-                // at most one answer per second in all.
+                // reply-to: each reply-to is answered at most once per KEY_ANSWER_EVERY,
+                // requests through one neighbour once per 10 s (burst 2), and all of them at
+                // most once per second (burst 4): one flooding neighbour spends only its own
+                // share.
                 let back_dest = DestinationHash(back);
                 let recent = self.key_answered.get(&back_dest).is_some_and(|t| *t + KEY_ANSWER_EVERY > now);
-                let busy = self.key_answered.values().any(|t| *t + Duration::from_secs(1) > now);
-                if recent || busy {
+                let hop_ok = from.is_none_or(|n| self.key_answers_by_hop.allow(now, &n));
+                if recent || !hop_ok || !self.key_answers.allow(now) {
                     tracing::debug!(dest = %back_dest, "key request not answered (rate limit)");
                     return;
                 }
-                self.key_answered.retain(|_, t| *t + KEY_ANSWER_EVERY > now);
+                if self.key_answered.len() >= 1024 {
+                    self.key_answered.retain(|_, t| *t + KEY_ANSWER_EVERY > now);
+                }
                 self.key_answered.insert(back_dest, now);
                 let mut answer = vec![KEY_RECORD];
                 answer.extend_from_slice(&self.node_dest.0);
                 answer.extend_from_slice(&self.kem_record);
-                self.send_or_hold(now, DestinationHash(back), answer);
+                self.send_or_hold(now, DestinationHash(back), answer, true);
             }
             Some((&KEY_RECORD, rest)) if rest.len() > 16 => {
                 let (d, record) = rest.split_at(16);
                 let mut dest = [0u8; 16];
                 dest.copy_from_slice(d);
                 let dest = DestinationHash(dest);
+                // Only records this node asked for are checked (a signature verification
+                // each), and only a few per request.
+                match self.key_asked.get_mut(&dest) {
+                    Some((at, tries)) if *at + KEY_WAIT > now && *tries < KEY_TRIES => *tries += 1,
+                    _ => {
+                        tracing::debug!(%dest, "unsolicited sealing key record dropped");
+                        return;
+                    }
+                }
                 match RemoteKem::from_record(&dest, record) {
                     Ok(k) => {
-                        if self.remote_kems.len() >= MAX_REMOTE_KEMS {
-                            self.remote_kems.clear();
+                        self.key_asked.remove(&dest);
+                        while self.remote_kems.len() >= MAX_REMOTE_KEMS {
+                            let Some(old) = self.remote_kem_order.pop_front() else { break };
+                            self.remote_kems.remove(&old);
                         }
                         tracing::debug!(%dest, "sealing key verified");
-                        self.remote_kems.insert(dest, k);
+                        if self.remote_kems.insert(dest, k).is_none() {
+                            self.remote_kem_order.push_back(dest);
+                        }
                         self.check_waiters(now);
                     }
                     Err(e) => log_limited!(self.logs.key, warn, %dest, "sealing key refused: {e}"),
                 }
             }
-            Some((&SEALED, sealed)) => match self.kem.open(&self.node_dest, sealed) {
-                Ok(data) => {
-                    let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
-                    log_limited!(self.logs.sealed, info, bytes = data.len(), text = %text, "sealed packet received");
+            Some((&SEALED, sealed)) => {
+                // A decapsulation each: within the allowance of the neighbour it came
+                // through and the total.
+                let hop_ok = from.is_none_or(|n| self.decaps_by_hop.allow(now, &n));
+                if !hop_ok || !self.decaps.allow(now) {
+                    tracing::debug!("sealed packet dropped: decapsulation budget spent");
+                    return;
                 }
-                Err(e) => tracing::debug!("sealed packet dropped: {e}"),
-            },
+                match self.kem.open(&self.node_dest, sealed) {
+                    Ok(data) => {
+                        let text: String = String::from_utf8_lossy(&data).chars().take(200).collect();
+                        log_limited!(self.logs.sealed, info, bytes = data.len(), text = %text, "sealed packet received");
+                    }
+                    Err(e) => tracing::debug!("sealed packet dropped: {e}"),
+                }
+            }
             Some((&LINK_FRAME, _)) => {
                 if let Err(e) = self.links.handle_payload(now, payload) {
                     tracing::debug!("end-to-end frame dropped: {e}");

@@ -14,6 +14,7 @@ pub mod control;
 pub mod hub;
 pub mod inbox;
 pub mod link;
+pub mod persist;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -137,7 +138,8 @@ pub async fn run(
     let hub_cfg = HubConfig {
         store: data_dir.as_ref().filter(|_| cfg.mesh.persist).map(|d| d.join("mesh.redb")),
         announce_interval: Duration::from_secs(cfg.mesh.announce_interval_secs),
-        save_interval: Duration::from_secs(60),
+        // A crash loses at most the last two seconds of path changes.
+        save_interval: Duration::from_secs(2),
     };
     let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, Arc::clone(&inbox), control_rx, Arc::clone(&hub_stop)));
     let control_task = listener.map(|(path, l)| (path, tokio::spawn(control::serve(l, control_tx.clone()))));

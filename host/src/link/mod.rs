@@ -590,6 +590,12 @@ impl LinkEngine {
         self.ticket_order.clear();
     }
 
+    /// Whether this engine keeps a session to `addr` up (it dialled), rather than only
+    /// answering it.
+    pub fn wants(&self, addr: &LinkAddr) -> bool {
+        self.peers.iter().any(|p| p.addr == *addr && p.want.is_some())
+    }
+
     /// The peer of the authenticated session on `addr`.
     pub fn session_peer(&self, addr: &LinkAddr) -> Option<PeerId> {
         self.peers.iter().find(|p| p.addr == *addr)?.session.as_ref().filter(|s| s.confirmed).map(|s| s.peer.peer_id())

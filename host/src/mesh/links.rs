@@ -128,6 +128,11 @@ impl MeshLinks {
         Ok(())
     }
 
+    /// Whether this node dialled `dest` (keeps a link to it up), as opposed to answering.
+    pub fn dialled(&self, dest: &DestinationHash) -> bool {
+        self.engine.wants(&addr_of(dest))
+    }
+
     /// The identity of the link up with `dest`, if any.
     pub fn link_peer(&self, dest: &DestinationHash) -> Option<PeerId> {
         self.engine.session_peer(&addr_of(dest))

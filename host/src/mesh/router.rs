@@ -9,11 +9,20 @@
 //!
 //! Best path for a destination: the newest announce; among its copies, the lowest cost
 //! (sum of per-hop link costs), then fewest hops, then the one heard first.
+//!
+//! **Neighbours are not trusted.** Anyone can become one, so every table has a bound and
+//! every neighbour a budget: new announces per second, signature verifications per second
+//! (and a total), unverified destinations it may introduce, path requests per second.
+//! Lifetimes are capped (`max_lifetime`). An unverified (compact) announce never replaces a
+//! verified one, and when the table is full, unverified and path-less destinations go
+//! first. What a new neighbour is sent of the table is bounded and paced. Timers and
+//! evictions use ordered indexes, so work per event does not grow with the table.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::budget::{KeyedLimiter, Limiter};
 use crate::identity::{Identity, PeerId, PublicIdentity};
 use crate::link::crypto::Rng;
 
@@ -72,6 +81,32 @@ pub struct RouterConfig {
     pub request_rate: f64,
     /// Burst of that allowance.
     pub request_burst: u32,
+    /// Longest announce lifetime honoured: an announce claiming more expires this long
+    /// after its timestamp.
+    pub max_lifetime: Duration,
+    /// Most destinations kept without a path (unverified ones are dropped first).
+    pub max_pathless: usize,
+    /// Most unverified (compact) destinations one neighbour may have introduced.
+    pub max_unverified_per_neighbour: usize,
+    /// New announces (a new destination, or a newer timestamp) accepted per second from
+    /// one neighbour.
+    pub neighbour_announce_rate: f64,
+    /// Burst of that allowance.
+    pub neighbour_announce_burst: u32,
+    /// Announce signatures verified per second for one neighbour.
+    pub verify_rate: f64,
+    /// Burst of that allowance.
+    pub verify_burst: u32,
+    /// Announce signatures verified per second in all.
+    pub verify_rate_total: f64,
+    /// Burst of that allowance.
+    pub verify_burst_total: u32,
+    /// Most known destinations replayed to a new neighbour (verified and newest first).
+    pub max_replay: usize,
+    /// Bytes per second such a replay may use (on a capped link, the cap rules). It also
+    /// sends at most half the `neighbour_announce_rate` in announces per second, so that
+    /// a receiver with the same settings takes all of it.
+    pub replay_rate: u64,
 }
 
 impl Default for RouterConfig {
@@ -81,7 +116,7 @@ impl Default for RouterConfig {
             announce_lifetime: Duration::from_secs(3600),
             identity_interval: Duration::from_secs(60),
             identity_burst: 4,
-            max_skew: Duration::from_secs(600),
+            max_skew: Duration::from_secs(120),
             max_paths: 100_000,
             max_seen: 200_000,
             max_keys: 4096,
@@ -91,6 +126,17 @@ impl Default for RouterConfig {
             report_forwarded: false,
             request_rate: 2.0,
             request_burst: 20,
+            max_lifetime: Duration::from_secs(6 * 3600),
+            max_pathless: 25_000,
+            max_unverified_per_neighbour: 12_500,
+            neighbour_announce_rate: 50.0,
+            neighbour_announce_burst: 5000,
+            verify_rate: 50.0,
+            verify_burst: 500,
+            verify_rate_total: 400.0,
+            verify_burst_total: 800,
+            max_replay: 1024,
+            replay_rate: 64 << 10,
         }
     }
 }
@@ -151,6 +197,9 @@ pub enum MeshEvent {
         dest: DestinationHash,
         /// Payload.
         payload: Vec<u8>,
+        /// The neighbour it came from (None: sent by this node to itself). Not its origin:
+        /// the last hop, whose budget it may be charged to.
+        from: Option<NeighbourId>,
     },
 }
 
@@ -198,6 +247,18 @@ pub enum DropReason {
     /// Data with no path onward.
     #[error("no path to {0}")]
     NoPath(DestinationHash),
+    /// The neighbour exceeded its rate of new announces.
+    #[error("neighbour announce rate limit")]
+    NeighbourRate,
+    /// The neighbour already introduced its share of unverified destinations.
+    #[error("neighbour holds its share of unverified destinations")]
+    NeighbourQuota,
+    /// No signature verification allowance left (this neighbour's, or in all).
+    #[error("signature verification budget spent")]
+    VerifyBudget,
+    /// The table is full of destinations this one may not displace.
+    #[error("destination table full")]
+    TableFull,
     /// The path points back where the packet came from.
     #[error("loop towards {0}")]
     Loop(DestinationHash),
@@ -254,13 +315,47 @@ pub struct RouterStats {
     pub verified: u64,
     /// Data packets forwarded.
     pub forwarded: u64,
+    /// Announces refused by a neighbour's budgets (rate, quota, verifications).
+    pub neighbour_limited: u64,
+    /// Destinations evicted to make room.
+    pub evicted: u64,
 }
 
 struct Neighbour {
     info: NeighbourInfo,
+    /// The announce byte cap (`announce_rate`): tokens, last refill, what waits behind it.
     tokens: f64,
     refilled: Instant,
     queue: VecDeque<Vec<u8>>,
+    /// Destinations still to replay to it, and the byte allowance of that replay.
+    replay: VecDeque<DestinationHash>,
+    replay_tokens: f64,
+    replay_at: Instant,
+    /// New announces accepted from it.
+    fresh: Limiter,
+    /// Signatures verified for it.
+    verify: Limiter,
+    /// Unverified destinations it introduced that are in the table.
+    unverified: usize,
+}
+
+impl Neighbour {
+    fn replay_rate(&self, cfg: &RouterConfig) -> f64 {
+        if self.info.announce_rate > 0 {
+            self.info.announce_rate.min(cfg.replay_rate) as f64
+        } else {
+            cfg.replay_rate.max(1) as f64
+        }
+    }
+}
+
+/// Eviction order: class (0 unverified and path-less, 1 unverified with a path, 2 verified
+/// and path-less, 3 verified with a path), then expiry, then the destination (ties).
+type EvictKey = (u8, u64, DestinationHash);
+
+/// Whether an eviction class is one of a destination with a path (1 or 3).
+fn has_path_class(class: u8) -> bool {
+    class & 1 == 1
 }
 
 struct Cached {
@@ -269,11 +364,12 @@ struct Cached {
     id: [u8; ID_LEN],
     /// The compact form, encoded once.
     compact: Vec<u8>,
-}
-
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+    /// When it expires (ms): its own expiry, capped at `max_lifetime` after its timestamp.
+    expires_ms: u64,
+    /// The neighbour that introduced it, while it is unverified (that neighbour's quota).
+    from: Option<NeighbourId>,
+    /// Its key in `Router::evict`.
+    evict_key: EvictKey,
 }
 
 struct Local {
@@ -307,6 +403,30 @@ impl<T: std::hash::Hash + Eq + Copy> Bounded<T> {
     }
 }
 
+/// What changed since the last [`Router::take_changes`], for an incremental save: each
+/// destination's path and announce record now (None: delete), and the keys added or
+/// evicted.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Path records to write (Some) or delete (None).
+    pub paths: Vec<(DestinationHash, Option<PathRecord>)>,
+    /// Announce records to write or delete.
+    pub announces: Vec<(DestinationHash, Option<AnnounceRecord>)>,
+    /// Keys to write or delete.
+    pub keys: Vec<(PeerId, Option<PublicIdentity>)>,
+}
+
+impl Changes {
+    /// Whether there is nothing to save.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty() && self.announces.is_empty() && self.keys.is_empty()
+    }
+}
+
+/// Most identities (and neighbours) whose announce and request allowances are remembered
+/// at once; beyond, new ones are refused until buckets fill up again.
+const MAX_IDENTITY_BUCKETS: usize = 65_536;
+
 /// The router of one node.
 pub struct Router {
     me: Arc<Identity>,
@@ -316,26 +436,46 @@ pub struct Router {
     base_ms: u64,
     base: Instant,
     neighbours: HashMap<NeighbourId, Neighbour>,
+    /// Best path per destination; every destination here is in `cache` too.
     paths: HashMap<DestinationHash, PathEntry>,
+    path_expiry: BTreeSet<(Instant, DestinationHash)>,
+    /// Paths by next hop (what a neighbour going away takes with it).
+    paths_by_hop: HashMap<NeighbourId, HashSet<DestinationHash>>,
+    /// Paths by (verified, announce timestamp): what to replay first.
+    by_freshness: BTreeSet<(bool, u64, DestinationHash)>,
+    /// The latest announce per destination.
     cache: HashMap<DestinationHash, Cached>,
+    cache_expiry: BTreeSet<(u64, DestinationHash)>,
+    evict: BTreeSet<EvictKey>,
+    /// Destinations in `cache` with neither a path nor a stored one waiting.
+    pathless: usize,
     keys: HashMap<PeerId, PublicIdentity>,
     key_order: VecDeque<PeerId>,
     seen: Bounded<[u8; ID_LEN]>,
     tags: Bounded<[u8; TAG_LEN]>,
     requests: HashMap<[u8; TAG_LEN], (Option<NeighbourId>, Instant)>,
-    rate: HashMap<PeerId, Bucket>,
+    /// Requests in the order they expire (one lifetime for all).
+    request_order: VecDeque<(Instant, [u8; TAG_LEN])>,
+    /// Per-identity announce allowance; verified and unverified announces apart, so that
+    /// forged compact announces cannot spend the real identity's tokens.
+    rate: KeyedLimiter<(PeerId, bool)>,
+    verify_total: Limiter,
     local: HashMap<DestinationHash, Local>,
     out: VecDeque<(NeighbourId, Vec<u8>)>,
     events: VecDeque<MeshEvent>,
     stats: RouterStats,
     /// Paths loaded from the store, by next-hop identity, waiting for that neighbour.
-    restored: HashMap<PeerId, Vec<PathRecord>>,
+    restored: HashMap<PeerId, HashMap<DestinationHash, PathRecord>>,
+    restored_dest: HashMap<DestinationHash, PeerId>,
     /// This node's latest announce per local destination, replayed to new neighbours.
-    own: HashMap<DestinationHash, Announce>,
+    own: HashMap<DestinationHash, (Announce, Instant)>,
     /// For destinations whose path was lost: the announce timestamp and cost it had.
     feasible: HashMap<DestinationHash, (u64, u16)>,
     /// Per-neighbour path-request allowance.
-    request_tokens: HashMap<NeighbourId, Bucket>,
+    request_tokens: KeyedLimiter<NeighbourId>,
+    /// Destinations and keys changed since the last `take_changes`.
+    dirty: HashSet<DestinationHash>,
+    dirty_keys: HashSet<PeerId>,
 }
 
 impl Router {
@@ -349,21 +489,32 @@ impl Router {
             base_ms: clock.1,
             neighbours: HashMap::new(),
             paths: HashMap::new(),
+            path_expiry: BTreeSet::new(),
+            paths_by_hop: HashMap::new(),
+            by_freshness: BTreeSet::new(),
             cache: HashMap::new(),
+            cache_expiry: BTreeSet::new(),
+            evict: BTreeSet::new(),
+            pathless: 0,
             keys: HashMap::new(),
             key_order: VecDeque::new(),
             seen: Bounded::new(cfg.max_seen),
             tags: Bounded::new(cfg.max_seen),
             requests: HashMap::new(),
-            rate: HashMap::new(),
+            request_order: VecDeque::new(),
+            rate: KeyedLimiter::new(1.0 / cfg.identity_interval.as_secs_f64().max(1e-9), cfg.identity_burst, MAX_IDENTITY_BUCKETS),
+            verify_total: Limiter::new(cfg.verify_rate_total, cfg.verify_burst_total),
             local: HashMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: RouterStats::default(),
             restored: HashMap::new(),
+            restored_dest: HashMap::new(),
             own: HashMap::new(),
             feasible: HashMap::new(),
-            request_tokens: HashMap::new(),
+            request_tokens: KeyedLimiter::new(cfg.request_rate, cfg.request_burst, MAX_IDENTITY_BUCKETS),
+            dirty: HashSet::new(),
+            dirty_keys: HashSet::new(),
             cfg,
         }
     }
@@ -373,7 +524,14 @@ impl Router {
     }
 
     fn instant_of(&self, ms: u64) -> Instant {
-        self.base + Duration::from_millis(ms.saturating_sub(self.base_ms))
+        // Capped far below what `Instant` can hold; lifetimes are capped far below that.
+        let d = Duration::from_millis(ms.saturating_sub(self.base_ms).min(u64::from(u32::MAX) * 1000));
+        self.base.checked_add(d).unwrap_or(self.base)
+    }
+
+    /// The expiry honoured for `body`: its own, at most `max_lifetime` after its timestamp.
+    fn effective_expiry(&self, body: &AnnounceBody) -> u64 {
+        body.expires_ms().min(body.timestamp_ms.saturating_add(self.cfg.max_lifetime.as_millis() as u64))
     }
 
     /// This node's id.
@@ -386,73 +544,245 @@ impl Router {
         self.stats.clone()
     }
 
+    // ---- the table: one place for every change, so that the indexes stay true ----
+
+    /// Recomputes `dest`'s eviction key after its path or verification changed. A stored
+    /// path waiting for its next hop counts as a path.
+    fn reindex(&mut self, dest: &DestinationHash) {
+        let has_path = self.paths.contains_key(dest) || self.restored_dest.contains_key(dest);
+        let Some(c) = self.cache.get_mut(dest) else { return };
+        let key = (u8::from(c.full.is_some()) * 2 + u8::from(has_path), c.expires_ms, *dest);
+        if key != c.evict_key {
+            let old = std::mem::replace(&mut c.evict_key, key);
+            self.evict_remove(&old);
+            self.evict_insert(key);
+        }
+    }
+
+    fn evict_insert(&mut self, key: EvictKey) {
+        if self.evict.insert(key) && !has_path_class(key.0) {
+            self.pathless += 1;
+        }
+    }
+
+    fn evict_remove(&mut self, key: &EvictKey) {
+        if self.evict.remove(key) && !has_path_class(key.0) {
+            self.pathless -= 1;
+        }
+    }
+
+    fn neighbour_unverified(&mut self, c: &Cached, delta: isize) {
+        if c.full.is_some() {
+            return;
+        }
+        if let Some(n) = c.from.and_then(|id| self.neighbours.get_mut(&id)) {
+            n.unverified = n.unverified.saturating_add_signed(delta);
+        }
+    }
+
+    /// Inserts or replaces the announce held for `dest`.
+    fn put_cache(&mut self, dest: DestinationHash, mut c: Cached) {
+        if let Some(old) = self.cache.remove(&dest) {
+            self.evict_remove(&old.evict_key);
+            self.cache_expiry.remove(&(old.expires_ms, dest));
+            self.neighbour_unverified(&old, -1);
+        }
+        self.neighbour_unverified(&c, 1);
+        self.cache_expiry.insert((c.expires_ms, dest));
+        // A key no entry has, so that `reindex` inserts the real one.
+        c.evict_key = (u8::MAX, 0, dest);
+        self.cache.insert(dest, c);
+        self.reindex(&dest);
+        self.dirty.insert(dest);
+    }
+
+    fn set_path(&mut self, dest: DestinationHash, entry: PathEntry) {
+        if let Some(old) = self.paths.remove(&dest) {
+            self.unindex_path(&dest, &old);
+        }
+        self.path_expiry.insert((entry.expires, dest));
+        self.paths_by_hop.entry(entry.next_hop).or_default().insert(dest);
+        self.by_freshness.insert((entry.verified, entry.timestamp_ms, dest));
+        self.paths.insert(dest, entry);
+        self.reindex(&dest);
+        self.dirty.insert(dest);
+    }
+
+    fn unindex_path(&mut self, dest: &DestinationHash, p: &PathEntry) {
+        self.path_expiry.remove(&(p.expires, *dest));
+        self.by_freshness.remove(&(p.verified, p.timestamp_ms, *dest));
+        if let Some(set) = self.paths_by_hop.get_mut(&p.next_hop) {
+            set.remove(dest);
+            if set.is_empty() {
+                self.paths_by_hop.remove(&p.next_hop);
+            }
+        }
+    }
+
+    /// Removes `dest`'s path (the announce stays); reports it lost.
+    fn drop_path(&mut self, dest: &DestinationHash) -> Option<PathEntry> {
+        let p = self.paths.remove(dest)?;
+        self.unindex_path(dest, &p);
+        self.reindex(dest);
+        self.dirty.insert(*dest);
+        self.events.push_back(MeshEvent::PathLost { dest: *dest });
+        Some(p)
+    }
+
+    /// Forgets everything about `dest`: path, announce, feasibility, a parked record.
+    fn drop_destination(&mut self, dest: &DestinationHash) {
+        self.drop_path(dest);
+        if let Some(c) = self.cache.remove(dest) {
+            self.evict_remove(&c.evict_key);
+            self.cache_expiry.remove(&(c.expires_ms, *dest));
+            self.neighbour_unverified(&c, -1);
+        }
+        self.feasible.remove(dest);
+        // (The announce is gone, so no reindex is needed for the parked record.)
+        if let Some(peer) = self.restored_dest.remove(dest) {
+            if let Some(records) = self.restored.get_mut(&peer) {
+                records.remove(dest);
+                if records.is_empty() {
+                    self.restored.remove(&peer);
+                }
+            }
+        }
+        self.dirty.insert(*dest);
+    }
+
+    /// Makes room for one more destination: evicts unverified ones first (path-less
+    /// before routed, soonest to expire first), verified ones only for a verified
+    /// newcomer. False when nothing may go.
+    fn make_room(&mut self, verified_newcomer: bool) -> bool {
+        while self.cache.len() >= self.cfg.max_paths {
+            let victim = if verified_newcomer {
+                self.evict.first().copied()
+            } else {
+                self.evict.range(..(2, 0, DestinationHash([0; 16]))).next().copied()
+            };
+            let Some((_, _, d)) = victim else { return false };
+            self.drop_destination(&d);
+            self.stats.evicted += 1;
+        }
+        true
+    }
+
+    /// Keeps path-less destinations within `max_pathless`, unverified ones going first.
+    fn trim_pathless(&mut self) {
+        let zero = DestinationHash([0; 16]);
+        while self.pathless > self.cfg.max_pathless {
+            let victim = self.evict.range((0, 0, zero)..(1, 0, zero)).next().or_else(|| self.evict.range((2, 0, zero)..(3, 0, zero)).next()).copied();
+            let Some((_, _, d)) = victim else { return };
+            self.drop_destination(&d);
+            self.stats.evicted += 1;
+        }
+    }
+
+    // ---- neighbours ----
+
     /// A neighbour came up (an authenticated session). It is sent this node's announces
-    /// and every announce this node holds a path for (so it can route at once), and stored
-    /// paths through it come back.
+    /// at once, and then, paced, the announces this node holds a path for (so it can
+    /// route); stored paths through it come back.
     pub fn add_neighbour(&mut self, now: Instant, id: NeighbourId, mut info: NeighbourInfo) {
         // Every hop costs something: a zero-cost hop would break the loop-freedom argument.
         info.cost = info.cost.max(1);
         let peer = info.peer;
         // Starts with one second's allowance, so the first announces go at once.
         let tokens = info.announce_rate as f64;
-        self.neighbours.insert(id, Neighbour { info, tokens, refilled: now, queue: VecDeque::new() });
-        let own: Vec<Announce> = self.own.values().cloned().collect();
+        let replay = if self.cfg.replay_on_connect { self.replay_for(id, &peer) } else { VecDeque::new() };
+        let mut n = Neighbour {
+            info,
+            tokens,
+            refilled: now,
+            queue: VecDeque::new(),
+            replay,
+            replay_tokens: 0.0,
+            replay_at: now,
+            fresh: Limiter::new(self.cfg.neighbour_announce_rate, self.cfg.neighbour_announce_burst),
+            verify: Limiter::new(self.cfg.verify_rate, self.cfg.verify_burst),
+            unverified: 0,
+        };
+        // A second's worth to start with.
+        n.replay_tokens = n.replay_rate(&self.cfg);
+        self.neighbours.insert(id, n);
+        let own: Vec<Announce> = self.own.values().map(|(a, _)| a.clone()).collect();
         for a in &own {
             self.queue_announce(id, a, None, 0, 0);
         }
-        if self.cfg.replay_on_connect {
-            // Not the neighbour's own destinations, nor paths that lead through it.
-            let known: Vec<(DestinationHash, u8, u16)> = self
-                .paths
-                .iter()
-                .filter(|(d, p)| p.next_hop != id && self.cache.get(*d).is_none_or(|c| c.body.peer != peer))
-                .map(|(d, p)| (*d, p.hops, p.cost))
-                .collect();
-            for (d, hops, cost) in known {
-                self.forward_cached(id, &d, hops, cost, None);
-            }
-        }
         if let Some(records) = self.restored.remove(&peer) {
             let now_ms = self.unix_ms(now);
-            for r in records {
-                let newer_known = self.paths.get(&r.dest).is_some_and(|p| p.timestamp_ms > r.timestamp_ms);
-                if r.expires_ms <= now_ms || newer_known || !self.better_or_absent(&r.dest, r.cost, r.hops, r.timestamp_ms) {
+            for (dest, r) in records {
+                self.restored_dest.remove(&dest);
+                self.reindex(&dest);
+                // Only with the announce it was learnt from still held, and if no better
+                // path came meanwhile.
+                let matches = self.cache.get(&dest).is_some_and(|c| c.body.timestamp_ms == r.timestamp_ms);
+                if r.expires_ms <= now_ms || !matches || !self.better_or_absent(&dest, r.cost, r.hops, r.timestamp_ms) {
                     continue;
                 }
+                let verified = self.cache.get(&dest).is_some_and(|c| c.full.is_some());
                 let entry = PathEntry {
                     next_hop: id,
                     hops: r.hops,
                     cost: r.cost,
                     timestamp_ms: r.timestamp_ms,
                     learned: now,
-                    expires: self.instant_of(r.expires_ms),
+                    expires: self.instant_of(r.expires_ms.min(self.cache.get(&dest).map_or(r.expires_ms, |c| c.expires_ms))),
                     rtt: None,
                     loss_permille: 0,
-                    verified: r.verified,
+                    verified,
                 };
-                self.paths.insert(r.dest, entry);
-                let dest_peer = self.cache.get(&r.dest).map_or(peer, |c| c.body.peer);
-                self.events.push_back(MeshEvent::PathLearned { dest: r.dest, peer: dest_peer, next_hop: id, hops: r.hops });
-                // Back in the table: tell the other neighbours, as for a fresh announce.
-                let others: Vec<NeighbourId> = self.neighbours.keys().copied().filter(|n| *n != id).collect();
-                for n in others {
-                    self.forward_cached(n, &r.dest, r.hops, r.cost, None);
+                self.set_path(dest, entry);
+                let dest_peer = self.cache.get(&dest).map_or(peer, |c| c.body.peer);
+                self.events.push_back(MeshEvent::PathLearned { dest, peer: dest_peer, next_hop: id, hops: r.hops });
+                // Back in the table: the other neighbours hear of it, paced like a replay.
+                let max = self.cfg.max_replay;
+                for (nid, n) in self.neighbours.iter_mut() {
+                    if *nid != id && n.replay.len() < max {
+                        n.replay.push_back(dest);
+                    }
                 }
             }
         }
+    }
+
+    /// What to replay to neighbour `id` (`peer`): paths not through it and not to its own
+    /// destinations, at most `max_replay`, verified and newest first. Read off an ordered
+    /// index: the work is the replay's size, not the table's.
+    fn replay_for(&self, id: NeighbourId, peer: &PeerId) -> VecDeque<DestinationHash> {
+        self.by_freshness
+            .iter()
+            .rev()
+            .map(|(_, _, d)| *d)
+            .filter(|d| self.paths.get(d).is_some_and(|p| p.next_hop != id) && self.cache.get(d).is_none_or(|c| c.body.peer != *peer))
+            .take(self.cfg.max_replay)
+            .collect()
     }
 
     fn better_or_absent(&self, dest: &DestinationHash, cost: u16, hops: u8, ts: u64) -> bool {
         self.paths.get(dest).is_none_or(|p| ts > p.timestamp_ms || (ts == p.timestamp_ms && (cost, hops) < (p.cost, p.hops)))
     }
 
-    /// The state to persist: paths (by next-hop identity), announces and known keys.
-    pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let _ = now;
-        let mut snap = Snapshot::default();
-        for (dest, p) in &self.paths {
-            let Some(n) = self.neighbours.get(&p.next_hop) else { continue };
-            snap.paths.push(PathRecord {
+    /// A neighbour went away: paths through it are lost.
+    pub fn remove_neighbour(&mut self, id: NeighbourId) {
+        self.neighbours.remove(&id);
+        let lost: Vec<DestinationHash> = self.paths_by_hop.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for d in lost {
+            if let Some(p) = self.drop_path(&d) {
+                self.feasible.insert(d, (p.timestamp_ms, p.cost));
+            }
+        }
+        self.out.retain(|(n, _)| *n != id);
+        self.request_tokens.forget(&id);
+        self.trim_pathless();
+    }
+
+    // ---- persistence ----
+
+    fn path_record(&self, dest: &DestinationHash) -> Option<PathRecord> {
+        if let Some(p) = self.paths.get(dest) {
+            let n = self.neighbours.get(&p.next_hop)?;
+            return Some(PathRecord {
                 dest: *dest,
                 next_hop: n.info.peer,
                 hops: p.hops,
@@ -462,27 +792,82 @@ impl Router {
                 verified: p.verified,
             });
         }
-        // Restored paths whose neighbour has not come back yet are kept too.
-        for records in self.restored.values() {
-            snap.paths.extend(records.iter().cloned());
+        let peer = self.restored_dest.get(dest)?;
+        self.restored.get(peer)?.get(dest).cloned()
+    }
+
+    fn announce_record(&self, dest: &DestinationHash) -> Option<AnnounceRecord> {
+        let c = self.cache.get(dest)?;
+        Some(AnnounceRecord { dest: *dest, compact: c.compact.clone(), full: c.full.as_ref().map(|a| a.encode(None)) })
+    }
+
+    /// The whole state to persist: paths (by next-hop identity), announces and known keys.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let _ = now;
+        let mut snap = Snapshot::default();
+        for dest in self.paths.keys().chain(self.restored_dest.keys()) {
+            if let Some(r) = self.path_record(dest) {
+                snap.paths.push(r);
+            }
         }
-        for (dest, c) in &self.cache {
-            snap.announces.push(AnnounceRecord { dest: *dest, compact: c.compact.clone(), full: c.full.as_ref().map(|a| a.encode(None)) });
+        for dest in self.cache.keys() {
+            if let Some(a) = self.announce_record(dest) {
+                snap.announces.push(a);
+            }
         }
         snap.keys = self.keys.values().cloned().collect();
         snap
     }
 
+    /// Whether anything changed since the last [`Router::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.dirty_keys.is_empty()
+    }
+
+    /// What changed since the last call, as records to write or delete. Work and size are
+    /// proportional to the changes, not to the table.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut ch = Changes::default();
+        for dest in std::mem::take(&mut self.dirty) {
+            ch.paths.push((dest, self.path_record(&dest)));
+            ch.announces.push((dest, self.announce_record(&dest)));
+        }
+        for peer in std::mem::take(&mut self.dirty_keys) {
+            ch.keys.push((peer, self.keys.get(&peer).cloned()));
+        }
+        ch
+    }
+
+    /// Marks what `ch` covered as changed again (its save failed).
+    pub fn restore_changes(&mut self, ch: &Changes) {
+        self.dirty.extend(ch.paths.iter().map(|(d, _)| *d));
+        self.dirty.extend(ch.announces.iter().map(|(d, _)| *d));
+        self.dirty_keys.extend(ch.keys.iter().map(|(k, _)| *k));
+    }
+
+    /// Marks the whole state as changed (the store was replaced by an empty one).
+    pub fn mark_all_changed(&mut self) {
+        self.dirty.extend(self.cache.keys().copied());
+        self.dirty.extend(self.restored_dest.keys().copied());
+        self.dirty_keys.extend(self.keys.keys().copied());
+    }
+
     /// Loads persisted state (at start). Announces are checked again (binding, expiry, and
-    /// the signature of full forms); paths wait for their next hop to come back.
+    /// the signature of full forms): what comes back unverified stays unverified, is
+    /// restored only up to a quarter of the table, and never ahead of a verified one.
+    /// Paths wait for their next hop to come back.
     pub fn restore(&mut self, now: Instant, snap: Snapshot) {
         let now_ms = self.unix_ms(now);
         for k in snap.keys {
             self.add_known_key(k);
         }
+        let mut verified = Vec::new();
+        let mut unverified = Vec::new();
+        let stored: Vec<DestinationHash> = snap.announces.iter().map(|a| a.dest).collect();
         for a in snap.announces {
             let Ok(c) = CompactAnnounce::decode(&a.compact) else { continue };
-            if c.body.dest != a.dest || c.body.expires_ms() <= now_ms {
+            let expires_ms = self.effective_expiry(&c.body);
+            if c.body.dest != a.dest || expires_ms <= now_ms || c.body.timestamp_ms > now_ms.saturating_add(self.cfg.max_skew.as_millis() as u64) {
                 continue;
             }
             let keys = &self.keys;
@@ -491,16 +876,43 @@ impl Router {
                 .and_then(|f| Announce::decode_verify(&f, |p| keys.get(p).cloned()).ok())
                 .map(|(x, _)| x)
                 .filter(|x| x.id() == c.id);
-            self.seen.insert(c.id);
-            if self.cache.len() < self.cfg.max_paths {
-                self.cache.insert(a.dest, Cached { full, body: c.body, id: c.id, compact: a.compact });
+            let cached = Cached { full, body: c.body, id: c.id, compact: a.compact, expires_ms, from: None, evict_key: (0, 0, a.dest) };
+            if cached.full.is_some() {
+                verified.push(cached);
+            } else {
+                unverified.push(cached);
             }
+        }
+        // Longest-lived first, so that what does not fit is what would expire soonest.
+        verified.sort_by_key(|c| std::cmp::Reverse(c.expires_ms));
+        unverified.sort_by_key(|c| std::cmp::Reverse(c.expires_ms));
+        unverified.truncate(self.cfg.max_paths / 4);
+        for c in verified.into_iter().chain(unverified) {
+            if self.cache.len() >= self.cfg.max_paths {
+                break;
+            }
+            if self.cache.contains_key(&c.body.dest) {
+                continue;
+            }
+            self.seen.insert(c.id);
+            self.put_cache(c.body.dest, c);
         }
         for p in snap.paths {
-            if p.expires_ms > now_ms {
-                self.restored.entry(p.next_hop).or_default().push(p);
+            // A path comes back only with its announce; whether it is verified is that
+            // announce's standing here, not what the record says.
+            let Some(c) = self.cache.get(&p.dest) else { continue };
+            if p.expires_ms <= now_ms || c.body.timestamp_ms != p.timestamp_ms {
+                continue;
             }
+            let mut p = p;
+            p.verified = c.full.is_some();
+            p.expires_ms = p.expires_ms.min(c.expires_ms);
+            let dest = p.dest;
+            self.restored_dest.insert(dest, p.next_hop);
+            self.restored.entry(p.next_hop).or_default().insert(dest, p);
+            self.reindex(&dest);
         }
+        self.trim_pathless();
         let up: Vec<(NeighbourId, PeerId)> = self.neighbours.iter().map(|(id, n)| (*id, n.info.peer)).collect();
         for (id, peer) in up {
             if let Some(info) = self.neighbours.get(&id).map(|n| n.info.clone()) {
@@ -509,21 +921,18 @@ impl Router {
                 }
             }
         }
+        // What was loaded is what the store holds; what was not (expired, damaged, over
+        // the caps) is to be deleted from it.
+        self.dirty.clear();
+        self.dirty_keys.clear();
+        for d in stored {
+            if !self.cache.contains_key(&d) {
+                self.dirty.insert(d);
+            }
+        }
     }
 
-    /// A neighbour went away: paths through it are lost.
-    pub fn remove_neighbour(&mut self, id: NeighbourId) {
-        self.neighbours.remove(&id);
-        let lost: Vec<DestinationHash> = self.paths.iter().filter(|(_, p)| p.next_hop == id).map(|(d, _)| *d).collect();
-        for d in lost {
-            if let Some(p) = self.paths.remove(&d) {
-                self.feasible.insert(d, (p.timestamp_ms, p.cost));
-            }
-            self.events.push_back(MeshEvent::PathLost { dest: d });
-        }
-        self.out.retain(|(n, _)| *n != id);
-        self.request_tokens.remove(&id);
-    }
+    // ---- local destinations and queries ----
 
     /// Registers a local destination for `service`; returns its hash.
     pub fn register_destination(&mut self, service: ServiceName, app_data: Vec<u8>) -> DestinationHash {
@@ -562,20 +971,38 @@ impl Router {
         self.paths.iter()
     }
 
+    /// Destinations held (with or without a path) and how many of them are unverified.
+    pub fn destinations(&self) -> (usize, usize) {
+        let zero = DestinationHash([0; 16]);
+        (self.cache.len(), self.evict.range(..(2, 0, zero)).count())
+    }
+
     /// Caches a public key (announces from its owner may then omit it).
     pub fn add_known_key(&mut self, key: PublicIdentity) {
         let id = key.peer_id();
         if self.keys.insert(id, key).is_none() {
             self.key_order.push_back(id);
+            self.dirty_keys.insert(id);
             while self.keys.len() > self.cfg.max_keys {
                 let Some(old) = self.key_order.pop_front() else { break };
                 self.keys.remove(&old);
+                self.dirty_keys.insert(old);
             }
         }
     }
 
     /// Announces a local destination to every neighbour.
     pub fn announce(&mut self, now: Instant, dest: &DestinationHash) -> Result<(), AnnounceSendError> {
+        let a = self.sign_own(now, dest)?;
+        let ids: Vec<NeighbourId> = self.neighbours.keys().copied().collect();
+        for n in ids {
+            self.queue_announce(n, &a, None, 0, 0);
+        }
+        Ok(())
+    }
+
+    /// Signs a fresh announce of local destination `dest` and keeps it as the latest.
+    fn sign_own(&mut self, now: Instant, dest: &DestinationHash) -> Result<Announce, AnnounceSendError> {
         let local = self.local.get(dest).ok_or(AnnounceSendError::NotLocal(*dest))?;
         let body = AnnounceBody {
             dest: *dest,
@@ -588,29 +1015,31 @@ impl Router {
         };
         let a = Announce::sign(&self.me, body)?;
         self.seen.insert(a.id());
-        let ids: Vec<NeighbourId> = self.neighbours.keys().copied().collect();
-        for n in ids {
-            self.queue_announce(n, &a, None, 0, 0);
-        }
-        self.own.insert(*dest, a);
-        Ok(())
+        self.own.insert(*dest, (a.clone(), now));
+        Ok(a)
     }
 
     /// Asks the neighbours for a path to `dest` (answered from caches on the way).
     pub fn request_path(&mut self, now: Instant, dest: DestinationHash) {
         let tag: [u8; TAG_LEN] = self.rng.bytes();
         self.tags.insert(tag);
-        self.requests.insert(tag, (None, now + self.cfg.request_lifetime));
+        self.remember_request(now, tag, None);
         let pkt = Packet::PathRequest { tag, dest, hops: 0 }.encode();
         for &n in self.neighbours.keys() {
             self.out.push_back((n, pkt.clone()));
         }
     }
 
+    fn remember_request(&mut self, now: Instant, tag: [u8; TAG_LEN], from: Option<NeighbourId>) {
+        let until = now + self.cfg.request_lifetime;
+        self.requests.insert(tag, (from, until));
+        self.request_order.push_back((until, tag));
+    }
+
     /// Sends `payload` towards `dest` along the path table.
     pub fn send_to(&mut self, dest: DestinationHash, payload: &[u8]) -> Result<(), SendToError> {
         if self.local.contains_key(&dest) {
-            self.events.push_back(MeshEvent::Delivered { dest, payload: payload.to_vec() });
+            self.events.push_back(MeshEvent::Delivered { dest, payload: payload.to_vec(), from: None });
             return Ok(());
         }
         let p = self.paths.get(&dest).ok_or(SendToError::NoPath(dest))?;
@@ -618,12 +1047,17 @@ impl Router {
         Ok(())
     }
 
+    // ---- packets ----
+
     /// Handles one packet from neighbour `from`.
     pub fn handle_packet(&mut self, now: Instant, from: NeighbourId, bytes: &[u8]) -> Result<(), DropReason> {
         self.stats.packets_in += 1;
         let r = self.dispatch(now, from, bytes);
-        if r.is_err() {
+        if let Err(e) = &r {
             self.stats.dropped += 1;
+            if matches!(e, DropReason::NeighbourRate | DropReason::NeighbourQuota | DropReason::VerifyBudget) {
+                self.stats.neighbour_limited += 1;
+            }
         }
         r
     }
@@ -676,7 +1110,8 @@ impl Router {
             return Err(DropReason::Reflected);
         }
         let now_ms = self.unix_ms(now);
-        if body.expires_ms() <= now_ms {
+        let expires_ms = self.effective_expiry(&body);
+        if expires_ms <= now_ms {
             return Err(DropReason::Expired(body.dest));
         }
         if body.timestamp_ms > now_ms.saturating_add(self.cfg.max_skew.as_millis() as u64) {
@@ -685,10 +1120,10 @@ impl Router {
         let hop_cost = self.neighbours.get(&from).map_or(1, |n| n.info.cost);
         let new_hops = hops.saturating_add(1);
         let new_cost = cost.saturating_add(hop_cost);
-        let known = self.cache.get(&body.dest).map(|c| (c.body.timestamp_ms, c.id));
+        let known = self.cache.get(&body.dest).map(|c| (c.body.timestamp_ms, c.id, c.full.is_some()));
         let fresh = match known {
-            Some((ts, _)) if body.timestamp_ms < ts => return Err(DropReason::Stale(body.dest)),
-            Some((ts, kid)) if body.timestamp_ms == ts => {
+            Some((ts, _, _)) if body.timestamp_ms < ts => return Err(DropReason::Stale(body.dest)),
+            Some((ts, kid, _)) if body.timestamp_ms == ts => {
                 if kid != id {
                     // Two different announces with one timestamp: keep the first.
                     return Err(DropReason::Stale(body.dest));
@@ -712,64 +1147,75 @@ impl Router {
                 }
             }
         }
-        // Verify the full form once per announce id, and before the rate limit, so that
-        // forged announces cannot spend an identity's allowance.
-        let mut full = None;
-        if let Some(b) = full_bytes {
-            let cached_full = self.cache.get(&body.dest).and_then(|c| c.full.clone()).filter(|a| a.id() == id);
-            match cached_full {
-                Some(a) => full = Some(a),
-                None => {
-                    let keys = &self.keys;
-                    let (a, key) = Announce::decode_verify(b, |p| keys.get(p).cloned())?;
-                    self.stats.verified += 1;
-                    self.add_known_key(key);
-                    full = Some(a);
-                }
+        let new_dest = known.is_none();
+        // The neighbour's budgets, before any expensive work: new announces per second,
+        // and its share of unverified destinations.
+        if fresh {
+            let quota = self.cfg.max_unverified_per_neighbour;
+            // Would this add to the neighbour's unverified count?
+            let adds = full_bytes.is_none() && self.cache.get(&body.dest).is_none_or(|c| c.full.is_some() || c.from != Some(from));
+            let n = self.neighbours.get_mut(&from).ok_or(DropReason::UnknownNeighbour(from))?;
+            if adds && n.unverified >= quota {
+                return Err(DropReason::NeighbourQuota);
+            }
+            if !n.fresh.allow(now) {
+                return Err(DropReason::NeighbourRate);
             }
         }
-        if fresh && !self.take_identity_token(now, body.peer) {
+        // Verify the full form once per announce id, and before the identity's rate
+        // limit, so that forged announces cannot spend an identity's allowance.
+        let already = self.cache.get(&body.dest).is_some_and(|c| c.id == id && c.full.is_some());
+        let mut full = None;
+        if let (Some(b), false) = (full_bytes, already) {
+            self.take_verification(now, from)?;
+            let keys = &self.keys;
+            let (a, key) = Announce::decode_verify(b, |p| keys.get(p).cloned())?;
+            self.stats.verified += 1;
+            self.add_known_key(key);
+            full = Some(a);
+        }
+        let verified = full.is_some() || already;
+        if fresh && !self.take_identity_token(now, body.peer, verified) {
             self.stats.rate_limited += 1;
             return Err(DropReason::RateLimited(body.peer));
         }
+        if new_dest && !self.make_room(verified) {
+            return Err(DropReason::TableFull);
+        }
         self.seen.insert(id);
-        let verified = full.is_some() || self.cache.get(&body.dest).is_some_and(|c| c.id == id && c.full.is_some());
-        let expires = self.instant_of(body.expires_ms());
+        let dest = body.dest;
+        let peer = body.peer;
+        if fresh || full.is_some() {
+            // Fresh: the new announce replaces the entry; otherwise `full` verified a copy
+            // of the one held compact.
+            let from_unverified = if full.is_some() { None } else { Some(from) };
+            let mut compact = body.encode(0);
+            compact.extend_from_slice(&id);
+            self.put_cache(dest, Cached { full, body, id, compact, expires_ms, from: from_unverified, evict_key: (0, 0, dest) });
+        }
         let entry = PathEntry {
             next_hop: from,
             hops: new_hops,
             cost: new_cost,
-            timestamp_ms: body.timestamp_ms,
+            timestamp_ms: self.cache.get(&dest).map_or(0, |c| c.body.timestamp_ms),
             learned: now,
-            expires,
+            expires: self.instant_of(expires_ms),
             rtt: None,
             loss_permille: 0,
             verified,
         };
-        let dest = body.dest;
-        let peer = body.peer;
         if fresh {
             self.feasible.remove(&dest);
         }
         let install = fresh || self.better(&dest, new_cost, new_hops) || (upgrade && self.paths.get(&dest).is_some_and(|p| p.next_hop == from));
-        if install && !self.paths.contains_key(&dest) && self.paths.len() >= self.cfg.max_paths {
-            // Full: the path closest to expiry makes room.
-            if let Some(victim) = self.paths.iter().min_by_key(|(_, p)| p.expires).map(|(d, _)| *d) {
-                self.paths.remove(&victim);
-                self.cache.remove(&victim);
-                self.events.push_back(MeshEvent::PathLost { dest: victim });
-            }
-        }
         if install {
-            self.paths.insert(dest, entry);
+            self.set_path(dest, entry);
             self.events.push_back(MeshEvent::PathLearned { dest, peer, next_hop: from, hops: new_hops });
-        }
-        if fresh || full.is_some() {
-            let keep_full = full.or_else(|| self.cache.get(&dest).and_then(|c| c.full.clone()).filter(|a| a.id() == id));
-            if self.cache.contains_key(&dest) || self.cache.len() < self.cfg.max_paths {
-                let mut compact = body.encode(0);
-                compact.extend_from_slice(&id);
-                self.cache.insert(dest, Cached { full: keep_full, body, id, compact });
+        } else if upgrade {
+            // The held path stays; it is verified now.
+            if let Some(mut p) = self.paths.get(&dest).cloned() {
+                p.verified = true;
+                self.set_path(dest, p);
             }
         }
         // Onward: a response travels back along its request; anything else that changed
@@ -799,26 +1245,30 @@ impl Router {
         Ok(())
     }
 
+    /// Takes one signature verification from `from`'s allowance and the total.
+    fn take_verification(&mut self, now: Instant, from: NeighbourId) -> Result<(), DropReason> {
+        let n = self.neighbours.get_mut(&from).ok_or(DropReason::UnknownNeighbour(from))?;
+        // Checked before either is spent, so a refusal costs neither bucket.
+        if !n.verify.would_allow(now, 1.0) || !self.verify_total.would_allow(now, 1.0) {
+            return Err(DropReason::VerifyBudget);
+        }
+        n.verify.allow(now);
+        self.verify_total.allow(now);
+        Ok(())
+    }
+
     /// Whether a path of `cost`/`hops` beats the current one for `dest`.
     fn better(&self, dest: &DestinationHash, cost: u16, hops: u8) -> bool {
         self.paths.get(dest).is_none_or(|p| (cost, hops) < (p.cost, p.hops))
     }
 
-    fn take_identity_token(&mut self, now: Instant, peer: PeerId) -> bool {
-        let (burst, interval) = (f64::from(self.cfg.identity_burst), self.cfg.identity_interval.as_secs_f64().max(1e-9));
-        let b = self.rate.entry(peer).or_insert(Bucket { tokens: burst, at: now });
-        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() / interval).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    fn take_identity_token(&mut self, now: Instant, peer: PeerId, verified: bool) -> bool {
+        self.rate.allow(now, &(peer, verified))
     }
 
-    fn forward_cached(&mut self, to: NeighbourId, dest: &DestinationHash, hops: u8, cost: u16, response: Option<[u8; TAG_LEN]>) {
-        let Some(c) = self.cache.get(dest) else { return };
+    /// Queues the held announce of `dest` for neighbour `to`; returns its size (0: none).
+    fn forward_cached(&mut self, to: NeighbourId, dest: &DestinationHash, hops: u8, cost: u16, response: Option<[u8; TAG_LEN]>) -> usize {
+        let Some(c) = self.cache.get(dest) else { return 0 };
         let compact_to = self.neighbours.get(&to).is_none_or(|n| n.info.compact);
         let bytes = match (&c.full, compact_to) {
             (Some(a), false) => {
@@ -827,7 +1277,9 @@ impl Router {
             }
             (_, true) | (None, _) => Packet::Announce { compact: true, hops, cost, response, bytes: &c.compact }.encode(),
         };
+        let len = bytes.len();
         self.enqueue_announce(to, bytes);
+        len
     }
 
     fn queue_announce(&mut self, to: NeighbourId, a: &Announce, response: Option<[u8; TAG_LEN]>, hops: u8, cost: u16) {
@@ -859,37 +1311,26 @@ impl Router {
         if !self.tags.insert(tag) {
             return Err(DropReason::Duplicate);
         }
-        // Each request floods and may cost a signature: a neighbour gets a bucket of
-        // `request_burst`, refilled at `request_rate` per second.
-        let (burst, rate) = (f64::from(self.cfg.request_burst), self.cfg.request_rate);
-        let b = self.request_tokens.entry(from).or_insert(Bucket { tokens: burst, at: now });
-        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.tokens < 1.0 {
+        // Each request floods: a neighbour gets a bucket of `request_burst`, refilled at
+        // `request_rate` per second.
+        if !self.request_tokens.allow(now, &from) {
             return Err(DropReason::RequestRateLimited);
         }
-        b.tokens -= 1.0;
         if hops >= self.cfg.max_hops {
             return Err(DropReason::HopLimit);
         }
-        self.requests.insert(tag, (Some(from), now + self.cfg.request_lifetime));
+        self.remember_request(now, tag, Some(from));
         if self.local.contains_key(&dest) {
-            // Answer with a fresh announce of our own, back to the asker only.
-            let local = self.local.get(&dest).map(|l| (l.service.hash(), l.app_data.clone()));
-            if let Some((service, app_data)) = local {
-                let body = AnnounceBody {
-                    dest,
-                    service,
-                    peer: self.me.peer_id(),
-                    timestamp_ms: self.unix_ms(now),
-                    nonce: self.rng.bytes(),
-                    lifetime_s: self.cfg.announce_lifetime.as_secs().min(u64::from(u32::MAX)) as u32,
-                    app_data,
-                };
-                if let Ok(a) = Announce::sign(&self.me, body) {
-                    self.seen.insert(a.id());
-                    self.queue_announce(from, &a, Some(tag), 0, 0);
-                }
+            // Answer with our latest announce, back to the asker only; a new one is signed
+            // only once the latest is a quarter of its lifetime old, so requests cannot
+            // make this node sign at their rate.
+            let recent = self.own.get(&dest).filter(|(_, at)| now.saturating_duration_since(*at) < self.cfg.announce_lifetime / 4).map(|(a, _)| a.clone());
+            let a = match recent {
+                Some(a) => Some(a),
+                None => self.sign_own(now, &dest).ok(),
+            };
+            if let Some(a) = a {
+                self.queue_announce(from, &a, Some(tag), 0, 0);
             }
             return Ok(());
         }
@@ -911,7 +1352,7 @@ impl Router {
 
     fn on_data(&mut self, from: NeighbourId, dest: DestinationHash, hops: u8, payload: &[u8]) -> Result<(), DropReason> {
         if self.local.contains_key(&dest) {
-            self.events.push_back(MeshEvent::Delivered { dest, payload: payload.to_vec() });
+            self.events.push_back(MeshEvent::Delivered { dest, payload: payload.to_vec(), from: Some(from) });
             return Ok(());
         }
         if hops.saturating_add(1) >= self.cfg.max_hops {
@@ -929,47 +1370,97 @@ impl Router {
         Ok(())
     }
 
-    /// Expires paths, requests and rate buckets.
+    // ---- timers and output ----
+
+    /// Expires paths, announces, requests and rate buckets. Each expiry costs its own
+    /// removal; nothing scans the table.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<DestinationHash> = self.paths.iter().filter(|(_, p)| p.expires <= now).map(|(d, _)| *d).collect();
-        for d in expired {
-            self.paths.remove(&d);
-            self.cache.remove(&d);
-            self.events.push_back(MeshEvent::PathLost { dest: d });
+        while let Some(&(at, d)) = self.path_expiry.first() {
+            if at > now {
+                break;
+            }
+            self.drop_destination(&d);
         }
-        self.requests.retain(|_, (_, until)| *until > now);
-        // Announces whose path went away with a neighbour expire here too.
         let now_ms = self.unix_ms(now);
-        let dead: Vec<DestinationHash> = self.cache.iter().filter(|(_, c)| c.body.expires_ms() <= now_ms).map(|(d, _)| *d).collect();
-        for d in dead {
-            self.cache.remove(&d);
-            self.feasible.remove(&d);
+        while let Some(&(ms, d)) = self.cache_expiry.first() {
+            if ms > now_ms {
+                break;
+            }
+            self.drop_destination(&d);
         }
-        let full = f64::from(self.cfg.identity_burst);
-        let interval = self.cfg.identity_interval.as_secs_f64().max(1e-9);
-        self.rate.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() / interval < full);
+        while let Some(&(until, tag)) = self.request_order.front() {
+            if until > now {
+                break;
+            }
+            self.request_order.pop_front();
+            if self.requests.get(&tag).is_some_and(|(_, u)| *u <= now) {
+                self.requests.remove(&tag);
+            }
+        }
     }
 
     /// The next instant `handle_timeout` or `poll_transmit` has work.
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let mut t = self.paths.values().map(|p| p.expires).min();
+        let mut t = self.path_expiry.first().map(|(at, _)| *at);
+        let mut at = |x: Instant| t = Some(t.map_or(x, |t: Instant| t.min(x)));
+        if let Some((ms, _)) = self.cache_expiry.first() {
+            at(self.instant_of(*ms));
+        }
         for n in self.neighbours.values() {
             if n.info.announce_rate > 0 {
                 if let Some(front) = n.queue.front() {
                     let need = front.len() as f64 - n.tokens;
-                    let at = n.refilled + Duration::from_secs_f64((need / n.info.announce_rate as f64).max(0.0));
-                    t = Some(t.map_or(at, |x| x.min(at)));
+                    at(n.refilled + Duration::from_secs_f64((need / n.info.announce_rate as f64).max(0.0)));
                 }
             }
+            if !n.replay.is_empty() {
+                let need = -n.replay_tokens;
+                at(n.replay_at + Duration::from_secs_f64((need / n.replay_rate(&self.cfg)).max(0.0)));
+            }
         }
-        if let Some(r) = self.requests.values().map(|(_, u)| *u).min() {
-            t = Some(t.map_or(r, |x| x.min(r)));
+        if let Some((until, _)) = self.request_order.front() {
+            at(*until);
         }
         t.map(|x| x.max(now))
     }
 
+    /// Hands the next paced replay announces to the output, per neighbour, as its byte
+    /// allowance permits (a second's worth at most; an announce larger than what is left
+    /// goes and leaves a debt).
+    fn pump_replay(&mut self, now: Instant) {
+        let mut ids: Vec<NeighbourId> = self.neighbours.iter().filter(|(_, n)| !n.replay.is_empty()).map(|(id, _)| *id).collect();
+        ids.sort();
+        for id in ids {
+            while let Some(n) = self.neighbours.get_mut(&id) {
+                let rate = n.replay_rate(&self.cfg);
+                n.replay_tokens = (n.replay_tokens + now.saturating_duration_since(n.replay_at).as_secs_f64() * rate).min(rate);
+                n.replay_at = now;
+                // On a capped link the replay waits for the cap's queue to drain.
+                if n.replay_tokens < 0.0 || (n.info.announce_rate > 0 && n.queue.len() >= 4) {
+                    break;
+                }
+                let peer = n.info.peer;
+                let Some(dest) = n.replay.pop_front() else { break };
+                let Some(p) = self.paths.get(&dest).filter(|p| p.next_hop != id) else { continue };
+                if self.cache.get(&dest).is_some_and(|c| c.body.peer == peer) {
+                    continue;
+                }
+                let (hops, cost) = (p.hops, p.cost);
+                let sent = self.forward_cached(id, &dest, hops, cost, None) as f64;
+                // Each announce costs at least its share of half the receiver's allowance.
+                let per_announce = rate / (self.cfg.neighbour_announce_rate / 2.0).max(0.1);
+                if let Some(n) = self.neighbours.get_mut(&id) {
+                    n.replay_tokens -= sent.max(per_announce);
+                }
+            }
+        }
+    }
+
     /// The next packet to send.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(NeighbourId, Vec<u8>)> {
+        if self.out.is_empty() {
+            self.pump_replay(now);
+        }
         if let Some(p) = self.out.pop_front() {
             self.stats.packets_out += 1;
             return Some(p);
@@ -1003,3 +1494,7 @@ impl Router {
         self.events.pop_front()
     }
 }
+
+#[cfg(test)]
+#[path = "router_tests.rs"]
+mod tests;

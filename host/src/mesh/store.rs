@@ -1,8 +1,10 @@
 //! The mesh's persistent state: path table, announce cache and known identities, in an
 //! embedded crash-safe store (redb: copy-on-write B-trees, a commit is atomic and durable).
 //!
-//! The router stays sans-IO: it exports a [`Snapshot`] and restores one; this module only
-//! moves snapshots to and from disk. A path is stored with the *PeerId* of its next hop
+//! The router stays sans-IO: it exports a [`Snapshot`] (at start, and for tests) or the
+//! [`Changes`] since its last save, and restores a snapshot; this module only moves them to
+//! and from disk. A save writes only what changed. A file redb cannot read is moved aside
+//! ([`MeshStore::open_or_replace`]) rather than turning persistence off for good. A path is stored with the *PeerId* of its next hop
 //! (neighbour numbers do not survive a restart) and comes back when a neighbour with that
 //! id is up again. Expiry is wall-clock, so it is honoured across restarts: whatever
 //! expired while the node was down is dropped on load.
@@ -15,13 +17,14 @@
 //! keys       PeerId[32] → ML-DSA-65 public key[1952]
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::identity::{PeerId, PublicIdentity};
 
 use super::dest::DestinationHash;
+use super::router::Changes;
 
 const PATHS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("paths");
 const ANNOUNCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("announces");
@@ -85,6 +88,38 @@ pub enum StoreError {
     /// previous state).
     #[error("mesh store: {0}")]
     Db(Box<redb::Error>),
+    /// A damaged store could not be moved aside.
+    #[error("mesh store {path}: cannot move the damaged file aside: {source}")]
+    MoveAside {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether the file itself is unreadable (damaged, or a format this build cannot
+    /// read), as opposed to the disk or the system failing.
+    pub fn is_damage(&self) -> bool {
+        let storage_damage = |e: &redb::StorageError| matches!(e, redb::StorageError::Corrupted(_));
+        match self {
+            StoreError::Open { source, .. } => match source.as_ref() {
+                redb::DatabaseError::Storage(e) => storage_damage(e),
+                redb::DatabaseError::UpgradeRequired(_) | redb::DatabaseError::RepairAborted => true,
+                _ => false,
+            },
+            StoreError::Db(e) => matches!(
+                e.as_ref(),
+                redb::Error::Corrupted(_)
+                    | redb::Error::UpgradeRequired(_)
+                    | redb::Error::TableTypeMismatch { .. }
+                    | redb::Error::TableIsMultimap(_)
+                    | redb::Error::TypeDefinitionChanged { .. }
+            ),
+            StoreError::MoveAside { .. } => false,
+        }
+    }
 }
 
 macro_rules! from_redb {
@@ -110,6 +145,70 @@ impl MeshStore {
         Ok(MeshStore { db })
     }
 
+    /// Opens the store at `path`; a damaged file (or one whose tables do not read) is
+    /// renamed to `<path>.damaged-<unix ms>` and a fresh store created in its place. Returns
+    /// the store, what it holds, and where a damaged file went.
+    pub fn open_or_replace(path: &Path, now_ms: u64) -> Result<(MeshStore, Snapshot, Option<PathBuf>), StoreError> {
+        let opened = MeshStore::open(path).and_then(|s| {
+            let snap = s.load(now_ms)?;
+            Ok((s, snap))
+        });
+        match opened {
+            Ok((s, snap)) => Ok((s, snap, None)),
+            Err(e) if e.is_damage() => {
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(format!(".damaged-{now_ms}"));
+                let aside = PathBuf::from(aside);
+                std::fs::rename(path, &aside).map_err(|source| StoreError::MoveAside { path: path.display().to_string(), source })?;
+                let s = MeshStore::open(path)?;
+                Ok((s, Snapshot::default(), Some(aside)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `ch` (records to put, records to delete), atomically.
+    pub fn apply(&self, ch: &Changes) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut paths = tx.open_table(PATHS)?;
+            for (dest, p) in &ch.paths {
+                match p {
+                    Some(p) => {
+                        paths.insert(&dest.0[..], &encode_path(p)[..])?;
+                    }
+                    None => {
+                        paths.remove(&dest.0[..])?;
+                    }
+                }
+            }
+            let mut anns = tx.open_table(ANNOUNCES)?;
+            for (dest, a) in &ch.announces {
+                match a {
+                    Some(a) => {
+                        anns.insert(&dest.0[..], &encode_announce(a)[..])?;
+                    }
+                    None => {
+                        anns.remove(&dest.0[..])?;
+                    }
+                }
+            }
+            let mut keys = tx.open_table(KEYS)?;
+            for (peer, k) in &ch.keys {
+                match k {
+                    Some(k) => {
+                        keys.insert(&peer.0[..], &k.as_bytes()[..])?;
+                    }
+                    None => {
+                        keys.remove(&peer.0[..])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Replaces the stored state with `snap`, atomically.
     pub fn save(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
@@ -117,26 +216,12 @@ impl MeshStore {
             let mut paths = tx.open_table(PATHS)?;
             paths.retain(|_, _| false)?;
             for p in &snap.paths {
-                let mut v = Vec::with_capacity(52);
-                v.extend_from_slice(&p.next_hop.0);
-                v.push(p.hops);
-                v.extend_from_slice(&p.cost.to_be_bytes());
-                v.extend_from_slice(&p.timestamp_ms.to_be_bytes());
-                v.extend_from_slice(&p.expires_ms.to_be_bytes());
-                v.push(u8::from(p.verified));
-                paths.insert(&p.dest.0[..], &v[..])?;
+                paths.insert(&p.dest.0[..], &encode_path(p)[..])?;
             }
             let mut anns = tx.open_table(ANNOUNCES)?;
             anns.retain(|_, _| false)?;
             for a in &snap.announces {
-                let mut v = Vec::with_capacity(3 + a.compact.len() + a.full.as_ref().map_or(0, Vec::len));
-                v.push(u8::from(a.full.is_some()));
-                v.extend_from_slice(&(a.compact.len() as u16).to_be_bytes());
-                v.extend_from_slice(&a.compact);
-                if let Some(f) = &a.full {
-                    v.extend_from_slice(f);
-                }
-                anns.insert(&a.dest.0[..], &v[..])?;
+                anns.insert(&a.dest.0[..], &encode_announce(a)[..])?;
             }
             let mut keys = tx.open_table(KEYS)?;
             keys.retain(|_, _| false)?;
@@ -190,6 +275,28 @@ fn each_row(
         f(k.value(), v.value());
     }
     Ok(())
+}
+
+fn encode_path(p: &PathRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(52);
+    v.extend_from_slice(&p.next_hop.0);
+    v.push(p.hops);
+    v.extend_from_slice(&p.cost.to_be_bytes());
+    v.extend_from_slice(&p.timestamp_ms.to_be_bytes());
+    v.extend_from_slice(&p.expires_ms.to_be_bytes());
+    v.push(u8::from(p.verified));
+    v
+}
+
+fn encode_announce(a: &AnnounceRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + a.compact.len() + a.full.as_ref().map_or(0, Vec::len));
+    v.push(u8::from(a.full.is_some()));
+    v.extend_from_slice(&(a.compact.len() as u16).to_be_bytes());
+    v.extend_from_slice(&a.compact);
+    if let Some(f) = &a.full {
+        v.extend_from_slice(f);
+    }
+    v
 }
 
 fn dest_of(k: &[u8]) -> Option<DestinationHash> {
