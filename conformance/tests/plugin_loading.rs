@@ -143,6 +143,17 @@ fn installed_plugin_manifest_is_checked() {
     );
     let p = loader::load_installed(&good).unwrap();
     assert!(p.manifest.is_some());
+    // Loaded from an in-memory copy of the bytes that were hashed, reported by its file,
+    // and it works.
+    assert_eq!(p.path, good.parent().unwrap().join(&lib_name));
+    let e = Endpoint::open(&p, "checked", r#"(bind: "127.0.0.1:0")"#).unwrap();
+    let me = match e.transport.local_addresses()[0] {
+        TransportAddr::Udp(sa) => sa,
+        ref other => panic!("{other}"),
+    };
+    e.transport.send(&LinkAddr::from(me), b"checked bytes").unwrap();
+    assert_eq!(e.events.next_frame(Duration::from_secs(5)).expect("frame to self").1, b"checked bytes");
+    e.close().unwrap();
 
     let bad_sum = write(
         "bad-sum",
@@ -166,6 +177,27 @@ fn installed_plugin_manifest_is_checked() {
     let err = loader::load_installed(&broken).unwrap_err();
     assert!(matches!(err, PluginLoadError::Manifest { .. }));
     assert!(err.to_string().contains(":2:"), "{err}");
+}
+
+#[test]
+fn a_node_loads_only_the_plugins_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_into(dir.path(), &common::plugin_file("udp"));
+    // Strays: one that is no library at all, one that is a plugin nobody asked for.
+    std::fs::write(dir.path().join(loader::library_file_name("stray")), b"\x7fELF garbage").unwrap();
+    copy_into(dir.path(), &common::test_plugin_file("test_panicking"));
+    let set = loader::load_named(dir.path(), &["udp"]).unwrap();
+    assert_eq!(set.plugins.iter().map(|p| p.name()).collect::<Vec<_>>(), ["udp"]);
+    assert!(set.errors.is_empty(), "the strays were opened: {:?}", set.errors);
+    // Missing, misnamed and path-like names are refused by name.
+    std::fs::copy(common::plugin_file("udp"), dir.path().join(loader::library_file_name("impostor"))).unwrap();
+    let set = loader::load_named(dir.path(), &["nothere", "impostor", "../udp"]).unwrap();
+    assert!(set.plugins.is_empty());
+    assert!(
+        matches!(&set.errors[..], [PluginLoadError::NotFound { .. }, PluginLoadError::NameMismatch { .. }, PluginLoadError::BadName(_)]),
+        "{:?}",
+        set.errors
+    );
 }
 
 #[test]

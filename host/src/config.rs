@@ -69,15 +69,93 @@ pub struct InterfaceConfig {
     #[serde(default = "empty_unit")]
     pub config: String,
     /// Peers to dial and keep dialled on this interface (QUIC interfaces), as transport
-    /// addresses, e.g. `udp://192.0.2.7:4242`. Nothing else needs to be configured: beyond
-    /// its neighbours a node learns destinations from announces.
+    /// addresses, e.g. `udp://192.0.2.7:4242`, or with the PeerId the peer must prove:
+    /// `(addr: "udp://192.0.2.7:4242", peer: "3f…")`. Nothing else needs to be configured:
+    /// beyond its neighbours a node learns destinations from announces.
     #[serde(default)]
-    pub connect: Vec<String>,
+    pub connect: Vec<ConnectEntry>,
+    /// Limits of a QUIC interface on inbound connections (unset: the defaults).
+    #[serde(default)]
+    pub quic: QuicSettings,
     /// Settings of the constrained link engine, for interfaces below the QUIC bar.
     /// Unset fields keep the defaults the engine derives from the transport's MTU and rate.
     #[serde(default)]
     pub link: LinkSettings,
 }
+
+/// A peer to keep dialled: an address, optionally with the PeerId it must prove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ConnectEntry {
+    /// Whoever answers at the address.
+    Addr(String),
+    /// Only the peer with this PeerId (hex); anyone else is refused in the handshake.
+    Pinned {
+        /// The transport address.
+        addr: String,
+        /// The PeerId, 64 hex characters.
+        peer: String,
+    },
+}
+
+impl ConnectEntry {
+    /// The address text.
+    pub fn addr(&self) -> &str {
+        match self {
+            ConnectEntry::Addr(a) | ConnectEntry::Pinned { addr: a, .. } => a,
+        }
+    }
+
+    /// The pinned PeerId (validated by [`NodeConfig::parse`]).
+    pub fn peer(&self) -> Option<crate::identity::PeerId> {
+        match self {
+            ConnectEntry::Addr(_) => None,
+            ConnectEntry::Pinned { peer, .. } => peer.parse().ok(),
+        }
+    }
+}
+
+/// Operator overrides of a QUIC interface's inbound limits (docs/operator.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicSettings {
+    /// Most inbound connections (default 128).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Most inbound connections from one IP address (default 16).
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
+}
+
+impl QuicSettings {
+    /// Applies the overrides.
+    pub fn apply(&self, a: &mut crate::quic::admission::AdmissionConfig) {
+        if let Some(v) = self.max_connections {
+            a.max_connections = v;
+        }
+        if let Some(v) = self.max_connections_per_ip {
+            a.max_connections_per_ip = v;
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (name, v) in [("max_connections", self.max_connections), ("max_connections_per_ip", self.max_connections_per_ip)] {
+            if let Some(v) = v {
+                if !(1..=65_536).contains(&v) {
+                    return Err(format!("quic.{name} must be 1 to 65536, not {v}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest duration a setting may name, in seconds (30 days): far beyond any sensible
+/// timer, far below what would overflow one.
+pub const MAX_SETTING_SECS: u64 = 30 * 24 * 3600;
+/// Longest announce interval (3 h): an announce lives two intervals, and nodes honour at
+/// most 6 h (`RouterConfig::max_lifetime`).
+pub const MAX_ANNOUNCE_INTERVAL_SECS: u64 = 3 * 3600;
 
 /// Mesh settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +227,16 @@ pub struct LinkSettings {
     /// Offer and accept resumption (default true).
     #[serde(default)]
     pub resumption: Option<bool>,
+    /// When to ask an initiator to prove its address before answering: `Never`,
+    /// `UnderLoad` (default) or `Always`.
+    #[serde(default)]
+    pub cookie: Option<crate::link::CookieMode>,
+    /// Handshakes in progress from one source (IP address, or link address) (default 2).
+    #[serde(default)]
+    pub max_handshakes_per_source: Option<usize>,
+    /// Sessions from one source (default 8).
+    #[serde(default)]
+    pub max_sessions_per_source: Option<usize>,
 }
 
 impl LinkSettings {
@@ -194,6 +282,15 @@ impl LinkSettings {
         if let Some(v) = self.resumption {
             c.resumption = v;
         }
+        if let Some(v) = self.cookie {
+            c.cookie = v;
+        }
+        if let Some(v) = self.max_handshakes_per_source {
+            c.max_handshakes_per_source = v;
+        }
+        if let Some(v) = self.max_sessions_per_source {
+            c.max_sessions_per_source = v;
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -202,21 +299,27 @@ impl LinkSettings {
                 return Err(format!("link.peer `{p}` is not a PeerId (64 hex characters)"));
             }
         }
+        // (name, value, largest allowed): durations are capped far below anything that
+        // would overflow a timer, counts at what the engine can hold.
         let numbers = [
-            ("keepalive_secs", self.keepalive_secs),
-            ("dead_after_secs", self.dead_after_secs),
-            ("handshake_timeout_secs", self.handshake_timeout_secs),
-            ("ratchet_bytes", self.ratchet_bytes),
-            ("ratchet_interval_secs", self.ratchet_interval_secs),
-            ("rekey_bytes", self.rekey_bytes),
-            ("rekey_interval_secs", self.rekey_interval_secs),
-            ("max_message", self.max_message.map(|v| v as u64)),
-            ("max_peers", self.max_peers.map(|v| v as u64)),
-            ("max_handshakes", self.max_handshakes.map(|v| v as u64)),
+            ("keepalive_secs", self.keepalive_secs, MAX_SETTING_SECS),
+            ("dead_after_secs", self.dead_after_secs, MAX_SETTING_SECS),
+            ("handshake_timeout_secs", self.handshake_timeout_secs, MAX_SETTING_SECS),
+            ("ratchet_bytes", self.ratchet_bytes, 1 << 40),
+            ("ratchet_interval_secs", self.ratchet_interval_secs, MAX_SETTING_SECS),
+            ("rekey_bytes", self.rekey_bytes, 1 << 50),
+            ("rekey_interval_secs", self.rekey_interval_secs, MAX_SETTING_SECS),
+            ("max_message", self.max_message.map(|v| v as u64), 16 << 20),
+            ("max_peers", self.max_peers.map(|v| v as u64), 65_536),
+            ("max_handshakes", self.max_handshakes.map(|v| v as u64), 1024),
+            ("max_handshakes_per_source", self.max_handshakes_per_source.map(|v| v as u64), 1024),
+            ("max_sessions_per_source", self.max_sessions_per_source.map(|v| v as u64), 65_536),
         ];
-        for (name, v) in numbers {
-            if v == Some(0) {
-                return Err(format!("link.{name} must be at least 1"));
+        for (name, v, max) in numbers {
+            match v {
+                Some(0) => return Err(format!("link.{name} must be at least 1")),
+                Some(v) if v > max => return Err(format!("link.{name} must be at most {max}, not {v}")),
+                _ => {}
             }
         }
         if let (Some(k), Some(d)) = (self.keepalive_secs, self.dead_after_secs) {
@@ -300,18 +403,27 @@ impl NodeConfig {
             if !names.insert(i.name.as_str()) {
                 return Err(invalid(format!("interface name `{}` is used twice", i.name)));
             }
-            if i.plugin.is_empty() {
-                return Err(invalid(format!("interface `{}` names no plugin", i.name)));
+            if !crate::plugin::loader::valid_name(&i.plugin) {
+                return Err(invalid(format!("interface `{}`: plugin `{}` is not a plugin name (lowercase letters, digits, `_`, `-`)", i.name, i.plugin)));
             }
             i.link.validate().map_err(|m| invalid(format!("interface `{}`: {m}", i.name)))?;
+            i.quic.validate().map_err(|m| invalid(format!("interface `{}`: {m}", i.name)))?;
             for c in &i.connect {
-                if c.parse::<antmesh_plugin_api::TransportAddr>().is_err() {
-                    return Err(invalid(format!("interface `{}`: connect address `{c}` is not a transport address", i.name)));
+                if c.addr().parse::<antmesh_plugin_api::TransportAddr>().is_err() {
+                    return Err(invalid(format!("interface `{}`: connect address `{}` is not a transport address", i.name, c.addr())));
+                }
+                if let ConnectEntry::Pinned { peer, .. } = c {
+                    if peer.parse::<crate::identity::PeerId>().is_err() {
+                        return Err(invalid(format!("interface `{}`: connect peer `{peer}` is not a PeerId (64 hex characters)", i.name)));
+                    }
                 }
             }
         }
-        if self.mesh.announce_interval_secs < 10 {
-            return Err(invalid("mesh.announce_interval_secs must be at least 10".into()));
+        if !(10..=MAX_ANNOUNCE_INTERVAL_SECS).contains(&self.mesh.announce_interval_secs) {
+            return Err(invalid(format!(
+                "mesh.announce_interval_secs must be 10 to {MAX_ANNOUNCE_INTERVAL_SECS}, not {}",
+                self.mesh.announce_interval_secs
+            )));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             return Err(invalid(format!("log filter `{}`: {e}", self.log)));
@@ -372,6 +484,32 @@ mod tests {
         ] {
             assert!(matches!(NodeConfig::parse(bad, "x"), Err(ConfigError::Invalid { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn values_that_would_overflow_timers_are_refused() {
+        for bad in [
+            "(mesh: (announce_interval_secs: 18446744073709551615))",
+            "(mesh: (announce_interval_secs: 10801))",
+            r#"(interfaces: [(name: "s", plugin: "serial", link: (keepalive_secs: Some(18446744073709551615)))])"#,
+            r#"(interfaces: [(name: "s", plugin: "serial", link: (rekey_interval_secs: Some(2592001)))])"#,
+            r#"(interfaces: [(name: "u", plugin: "udp", quic: (max_connections: Some(0)))])"#,
+        ] {
+            assert!(matches!(NodeConfig::parse(bad, "x"), Err(ConfigError::Invalid { .. })), "{bad}");
+        }
+        assert!(NodeConfig::parse("(mesh: (announce_interval_secs: 10800))", "x").is_ok());
+    }
+
+    #[test]
+    fn connect_entries_may_pin_a_peer_id() {
+        let id = "3f".repeat(32);
+        let text = format!(r#"(interfaces: [(name: "u", plugin: "udp", connect: ["udp://127.0.0.1:1", (addr: "udp://127.0.0.1:2", peer: "{id}")])])"#);
+        let cfg = NodeConfig::parse(&text, "x").unwrap();
+        let c = &cfg.interfaces[0].connect;
+        assert_eq!((c[0].addr(), c[0].peer()), ("udp://127.0.0.1:1", None));
+        assert_eq!((c[1].addr(), c[1].peer().map(|p| p.to_hex())), ("udp://127.0.0.1:2", Some(id)));
+        let bad = r#"(interfaces: [(name: "u", plugin: "udp", connect: [(addr: "udp://127.0.0.1:2", peer: "xyz")])])"#;
+        assert!(matches!(NodeConfig::parse(bad, "x"), Err(ConfigError::Invalid { .. })));
     }
 
     #[test]

@@ -144,6 +144,10 @@ fn up(config: Option<PathBuf>, identity: Option<PathBuf>, plugin_dir: Option<Pat
         }
     };
     init_tracing(&cfg.log);
+    // A write past RLIMIT_FSIZE then fails with EFBIG (the store reports it and retries)
+    // instead of SIGXFSZ killing the node.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

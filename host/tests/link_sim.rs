@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use antmesh_host::identity::Identity;
 use antmesh_host::link::sim::{Sim, SimLink, SimRng, Verdict};
 use antmesh_host::link::wire::{Frame, Kind};
-use antmesh_host::link::{DisconnectReason, FrameError, LinkConfig, LinkEngine, LinkEvent, Mode};
+use antmesh_plugin_api::LinkAddr;
+use antmesh_host::link::{CookieMode, DisconnectReason, FrameError, LinkConfig, LinkEngine, LinkEvent, Mode};
 use antmesh_host::link::handshake::HandshakeError;
 use antmesh_host::link::session::OpenError;
 use zeroize::Zeroizing;
@@ -354,7 +355,24 @@ fn state_stays_bounded_under_floods() {
         let _ = e.handle_frame(now, &antmesh_plugin_api::LinkAddr::Named(format!("x{i}").into()), &f);
     }
     assert!(e.peer_count() <= cfg.max_peers);
-    // Complete Hellos from many addresses: at most max_handshakes answered, the rest told Busy.
+    // Complete Hellos from many addresses, answered without an address proof: at most
+    // max_handshakes answered, the rest told Busy.
+    let never = LinkConfig { cookie: CookieMode::Never, ..cfg.clone() };
+    let mut e2 = LinkEngine::with_seed(ident(2), never.clone(), [2; 32]);
+    let mut busy = 0;
+    for i in 0..(cfg.max_handshakes + 4) {
+        let mut a = LinkEngine::with_seed(ident(10 + i as u8), cfg.clone(), [i as u8; 32]);
+        a.connect(now, antmesh_plugin_api::LinkAddr::Named("r".into()), None).unwrap();
+        let from = antmesh_plugin_api::LinkAddr::Named(format!("h{i}").into());
+        while let Some(t) = a.poll_transmit(now) {
+            if let Err(FrameError::Busy) = e2.handle_frame(now, &from, &t.frame) {
+                busy += 1;
+            }
+        }
+    }
+    assert_eq!((busy, e2.stats().hellos_answered), (4, cfg.max_handshakes as u64));
+    // With the default (address proofs under load): half the slots answered at once, the
+    // rest asked for a cookie, nothing signed for them, nobody refused.
     let mut busy = 0;
     for i in 0..(cfg.max_handshakes + 4) {
         let mut a = LinkEngine::with_seed(ident(10 + i as u8), cfg.clone(), [i as u8; 32]);
@@ -366,11 +384,86 @@ fn state_stays_bounded_under_floods() {
             }
         }
     }
-    assert_eq!(busy, 4);
+    let st = e.stats();
+    assert_eq!((busy, st.hellos_answered, st.cookies_sent), (0, cfg.max_handshakes as u64 / 2, cfg.max_handshakes as u64 / 2 + 4));
     // A bogus fragment count never allocates more than the largest message.
     let f = Frame::Fragment { kind: Kind::Hello, tag: 1, index: 0, last: 255, bytes: &[0; 100] }.encode();
     let r = e.handle_frame(now, &antmesh_plugin_api::LinkAddr::Named("y".into()), &f);
     assert!(r.is_ok());
+}
+
+/// Moves every frame between `a` (at `a_addr`) and `b` (at `b_addr`) until neither has
+/// any; frames `b` sends elsewhere are dropped (to addresses nobody reads).
+fn pump_pair(now: Instant, a: &mut LinkEngine, a_addr: &LinkAddr, b: &mut LinkEngine, b_addr: &LinkAddr) {
+    for _ in 0..200 {
+        let mut moved = false;
+        while let Some(t) = a.poll_transmit(now) {
+            moved = true;
+            let _ = b.handle_frame(now, a_addr, &t.frame);
+        }
+        while let Some(t) = b.poll_transmit(now) {
+            moved = true;
+            if t.to == *a_addr {
+                let _ = a.handle_frame(now, b_addr, &t.frame);
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+/// Under load a responder signs only for initiators that echo its cookie: Hellos from
+/// addresses that never read cost no signature beyond half the slots, and an honest
+/// initiator gets through with one more round trip.
+#[test]
+fn under_load_only_initiators_that_prove_their_address_are_answered() {
+    let cfg = LinkConfig::for_link(1200, 0);
+    let mut r = LinkEngine::with_seed(ident(2), cfg.clone(), [2; 32]);
+    let now = Instant::now();
+    for i in 0..40u32 {
+        let mut a = LinkEngine::with_seed(ident(100 + (i % 100) as u8), cfg.clone(), [i as u8; 32]);
+        a.connect(now, LinkAddr::Named("r".into()), None).unwrap();
+        let spoofed = LinkAddr::Named(format!("spoofed{i}").into());
+        while let Some(t) = a.poll_transmit(now) {
+            let _ = r.handle_frame(now, &spoofed, &t.frame);
+        }
+    }
+    let st = r.stats();
+    assert_eq!((st.hellos_answered, st.cookies_sent), (cfg.max_handshakes as u64 / 2, 40 - cfg.max_handshakes as u64 / 2));
+    let (h_addr, r_addr) = (LinkAddr::Named("honest".into()), LinkAddr::Named("r".into()));
+    let mut honest = LinkEngine::with_seed(ident(99), cfg.clone(), [99; 32]);
+    honest.connect(now, r_addr.clone(), Some(ident(2).peer_id())).unwrap();
+    pump_pair(now, &mut honest, &h_addr, &mut r, &r_addr);
+    assert_eq!(honest.session_peer(&r_addr), Some(ident(2).peer_id()));
+    assert_eq!(r.stats().cookies_sent, st.cookies_sent + 1, "the honest initiator was asked too");
+    assert_eq!(r.stats().hellos_answered, st.hellos_answered + 1);
+    // A wrong echo is refused and leaves the held Hello in place.
+    let f = Frame::Cookie { echo: true, tag: 0, cookie: &[0; 16] }.encode();
+    assert!(matches!(r.handle_frame(now, &LinkAddr::Named("spoofed7".into()), &f), Err(FrameError::UnknownAttempt(0) | FrameError::BadCookie)));
+}
+
+/// One IP gets at most `max_handshakes_per_source` handshakes at once, whatever its ports.
+#[test]
+fn handshakes_are_limited_per_source_ip() {
+    let cfg = LinkConfig { cookie: CookieMode::Never, max_handshakes: 16, responder_burst: 100, ..LinkConfig::for_link(1200, 0) };
+    let mut r = LinkEngine::with_seed(ident(2), cfg.clone(), [2; 32]);
+    let now = Instant::now();
+    let hello_from = |r: &mut LinkEngine, ip: [u8; 4], port: u16, seed: u8| {
+        let mut a = LinkEngine::with_seed(ident(seed), cfg.clone(), [seed; 32]);
+        a.connect(now, LinkAddr::Named("r".into()), None).unwrap();
+        let from = LinkAddr::from(std::net::SocketAddr::from((ip, port)));
+        let mut last = Ok(());
+        while let Some(t) = a.poll_transmit(now) {
+            last = r.handle_frame(now, &from, &t.frame);
+        }
+        last
+    };
+    assert!(hello_from(&mut r, [10, 77, 0, 1], 1000, 30).is_ok());
+    assert!(hello_from(&mut r, [10, 77, 0, 1], 1001, 31).is_ok());
+    assert_eq!(hello_from(&mut r, [10, 77, 0, 1], 1002, 32), Err(FrameError::SourceLimit));
+    assert!(hello_from(&mut r, [10, 77, 0, 2], 1000, 33).is_ok());
+    assert_eq!(r.stats().hellos_answered, 3);
 }
 
 /// Both ends dial at the same instant: one session, whichever way the tie-break goes;

@@ -44,7 +44,8 @@ pub enum ControlError {
     Protocol(PathBuf),
 }
 
-/// Binds the control socket at `path` (replacing one a crashed node left behind).
+/// Binds the control socket at `path`, replacing one a crashed node left behind. The
+/// caller holds the data directory's lock, so no other node is binding it meanwhile.
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io { path: path.to_path_buf(), source };
     if path.exists() {

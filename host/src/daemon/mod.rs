@@ -71,6 +71,87 @@ pub enum UpError {
         /// How many were enabled.
         configured: usize,
     },
+    /// A task the node cannot run without (the mesh hub, an interface driver, the control
+    /// socket) ended or panicked: the node stopped rather than run without it.
+    #[error("the {0} stopped unexpectedly; the node shut down")]
+    TaskStopped(String),
+}
+
+/// Watches the tasks the node cannot run without. Each holds a [`TaskGuard`]; a guard
+/// dropped before shutdown began (the task returned early, or panicked and unwound) sends
+/// the task's name, and the node stops.
+struct Watchdog {
+    tx: mpsc::UnboundedSender<String>,
+    rx: mpsc::UnboundedReceiver<String>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct TaskGuard {
+    name: String,
+    tx: mpsc::UnboundedSender<String>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if !self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = self.tx.send(std::mem::take(&mut self.name));
+        }
+    }
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Watchdog { tx, rx, stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)) }
+    }
+
+    /// Spawns `task` as a critical task named `name`.
+    fn spawn<T: Send + 'static>(&self, name: String, task: impl Future<Output = T> + Send + 'static) -> tokio::task::JoinHandle<T> {
+        let guard = TaskGuard { name, tx: self.tx.clone(), stopping: Arc::clone(&self.stopping) };
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.await
+        })
+    }
+
+    /// The name of the first critical task that ended early.
+    async fn died(&mut self) -> String {
+        self.rx.recv().await.unwrap_or_default()
+    }
+
+    /// From now on tasks end because they are told to.
+    fn stand_down(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The data directory's lock file: held (flock) for the node's life, so that a second node
+/// started on the same directory fails at once, and a crashed node's socket can be
+/// replaced without a race.
+pub const LOCK_NAME: &str = "lock";
+
+/// Creates the data directory owner-only (0700) if missing, warns if an existing one is
+/// open to others, and takes its lock.
+fn prepare_data_dir(d: &std::path::Path) -> Result<std::fs::File, UpError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let io = |source| UpError::DataDir { path: d.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io)?;
+    let mode = std::fs::metadata(d).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %d.display(), mode = format!("{mode:04o}"), "the data directory is open to other users (the mesh store is inside); chmod 700 it");
+    }
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(d.join(LOCK_NAME)).map_err(io)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(UpError::Control(control::ControlError::InUse(d.to_path_buf())));
+        }
+        return Err(io(e));
+    }
+    Ok(lock)
 }
 
 /// What a run did, for the exit log line and for tests.
@@ -108,7 +189,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, UpError> {
     let dir = plugin_dir.or(cfg.plugin_dir.clone()).or_else(loader::default_plugin_dir).ok_or(UpError::NoPluginDir)?;
-    let set = loader::load_dir(&dir)?;
+    // Only the plugins the configuration uses: opening a library runs its code.
+    let mut names: Vec<&str> = cfg.interfaces.iter().filter(|i| i.enabled).map(|i| i.plugin.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let set = loader::load_named(&dir, &names)?;
     for p in &set.plugins {
         tracing::info!(plugin = p.name(), version = %p.info.version, abi = %p.info.abi_version, file = %p.path.display(), "plugin loaded");
     }
@@ -116,13 +201,13 @@ pub async fn run(
         tracing::error!("plugin refused: {e}");
     }
 
-    // The data directory holds the mesh store and the control socket.
+    // The data directory holds the mesh store and the control socket; its lock keeps a
+    // second node off it.
     let data_dir = cfg.data_dir.clone().or_else(crate::identity::default_data_dir);
-    if let Some(d) = &data_dir {
-        std::fs::create_dir_all(d).map_err(|source| UpError::DataDir { path: d.clone(), source })?;
-    }
-    // The control socket first: it is also the lock that keeps a second node off this
-    // data directory (and its store).
+    let _lock = match &data_dir {
+        Some(d) => Some(prepare_data_dir(d)?),
+        None => None,
+    };
     let listener = match &data_dir {
         Some(d) => {
             let path = d.join(control::SOCKET_NAME);
@@ -141,8 +226,9 @@ pub async fn run(
         // A crash loses at most the last two seconds of path changes.
         save_interval: Duration::from_secs(2),
     };
-    let hub_task = tokio::spawn(hub::run(Arc::clone(&identity), hub_cfg, Arc::clone(&inbox), control_rx, Arc::clone(&hub_stop)));
-    let control_task = listener.map(|(path, l)| (path, tokio::spawn(control::serve(l, control_tx.clone()))));
+    let mut watchdog = Watchdog::new();
+    let hub_task = watchdog.spawn("mesh hub".into(), hub::run(Arc::clone(&identity), hub_cfg, Arc::clone(&inbox), control_rx, Arc::clone(&hub_stop)));
+    let control_task = listener.map(|(path, l)| (path, watchdog.spawn("control socket".into(), control::serve(l, control_tx.clone()))));
     drop(control_tx);
 
     let mut summary = RunSummary::default();
@@ -174,13 +260,23 @@ pub async fn run(
                 if caps.suits_quic() {
                     let local = addrs.first().and_then(|a| a.strip_prefix("udp://")).and_then(|a| a.parse().ok());
                     let bind = local.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let ep = P2pEndpoint::with_transport(P2pConfig::mesh_node(Arc::clone(&identity), bind), Arc::clone(&t), rx)
-                        .map_err(|source| UpError::Quic { interface: iface.name.clone(), source })?;
-                    let ep = Arc::new(ep);
+                    let mut pc = P2pConfig::mesh_node(Arc::clone(&identity), bind);
+                    iface.quic.apply(&mut pc.admission);
+                    let ep = match P2pEndpoint::with_transport(pc, Arc::clone(&t), rx) {
+                        Ok(ep) => Arc::new(ep),
+                        Err(source) => {
+                            // Refused like any interface that does not open; the others run.
+                            let e = UpError::Quic { interface: iface.name.clone(), source };
+                            tracing::error!("{e}");
+                            summary.failed.push((iface.name.clone(), e.to_string()));
+                            let _ = tokio::task::spawn_blocking(move || t.close()).await;
+                            continue;
+                        }
+                    };
                     tracing::info!(interface = %iface.name, peer_id = %ep.peer_id(), "QUIC endpoint up");
-                    watchers.push(tokio::spawn(watch_quic(iface.name.clone(), Arc::clone(&ep), Arc::clone(&inbox))));
-                    for addr in &iface.connect {
-                        watchers.push(tokio::spawn(keep_dialled(iface.name.clone(), Arc::clone(&ep), addr.clone())));
+                    watchers.push(watchdog.spawn(format!("QUIC driver of `{}`", iface.name), watch_quic(iface.name.clone(), Arc::clone(&ep), Arc::clone(&inbox))));
+                    for c in &iface.connect {
+                        watchers.push(tokio::spawn(keep_dialled(iface.name.clone(), Arc::clone(&ep), c.addr().to_owned(), c.peer())));
                     }
                     endpoints.push((iface.name.clone(), ep));
                 } else {
@@ -203,7 +299,7 @@ pub async fn run(
                     let hub_link = HubLink { inbox: Arc::clone(&inbox), commands, command_tx };
                     pumps.push((
                         Arc::clone(&stop),
-                        tokio::spawn(run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop, hub_link)),
+                        watchdog.spawn(format!("link driver of `{}`", iface.name), run_link(Arc::clone(&t), rx, engine, iface.link.clone(), stop, hub_link)),
                     ));
                     open.push(t);
                 }
@@ -215,12 +311,20 @@ pub async fn run(
             }
         }
     }
-    if summary.opened.is_empty() && !enabled.is_empty() {
-        return Err(UpError::NoInterfaces { configured: enabled.len() });
-    }
-    tracing::info!(interfaces = summary.opened.len(), peer_id = %identity.peer_id(), "node up");
-
-    shutdown.await;
+    let outcome = if summary.opened.is_empty() && !enabled.is_empty() {
+        Err(UpError::NoInterfaces { configured: enabled.len() })
+    } else {
+        tracing::info!(interfaces = summary.opened.len(), peer_id = %identity.peer_id(), "node up");
+        tokio::select! {
+            () = shutdown => Ok(()),
+            name = watchdog.died() => {
+                let e = UpError::TaskStopped(name);
+                tracing::error!("{e}");
+                Err(e)
+            }
+        }
+    };
+    watchdog.stand_down();
     tracing::info!("shutting down");
     if let Some((_, task)) = &control_task {
         task.abort();
@@ -276,7 +380,7 @@ pub async fn run(
         e2e_sessions = summary.e2e_sessions,
         "node stopped"
     );
-    Ok(summary)
+    outcome.map(|()| summary)
 }
 
 /// Connects a QUIC interface to the mesh hub: authenticated peers become neighbours, mesh
@@ -349,8 +453,9 @@ pub async fn watch_quic(iface: String, ep: Arc<P2pEndpoint>, inbox: Arc<HubInbox
     }
 }
 
-/// Dials `addr` and dials again whenever the connection is gone (backing off to a minute).
-async fn keep_dialled(iface: String, ep: Arc<P2pEndpoint>, addr: String) {
+/// Dials `addr` (requiring `expected`, when pinned) and dials again whenever the
+/// connection is gone (backing off to a minute).
+async fn keep_dialled(iface: String, ep: Arc<P2pEndpoint>, addr: String, expected: Option<PeerId>) {
     let Ok(target) = addr.parse::<antmesh_plugin_api::TransportAddr>() else { return };
     let mut backoff = Duration::from_millis(250);
     let mut peer = None;
@@ -359,7 +464,7 @@ async fn keep_dialled(iface: String, ep: Arc<P2pEndpoint>, addr: String) {
         let wait = if peer.is_some_and(|p| ep.is_connected(&p)) {
             Duration::from_secs(2)
         } else {
-            match ep.connect_transport(&target, None).await {
+            match ep.connect_transport(&target, expected).await {
                 Ok(p) => {
                     tracing::info!(interface = %iface, %addr, peer = %p, "dialled");
                     peer = Some(p);
@@ -398,5 +503,28 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Watchdog;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_critical_task_that_panics_or_returns_early_is_reported_and_one_told_to_stop_is_not() {
+        let mut w = Watchdog::new();
+        let _forever = w.spawn("idle".into(), std::future::pending::<()>());
+        #[allow(clippy::panic)]
+        drop(w.spawn("panicky".into(), async { panic!("boom") }));
+        let name = tokio::time::timeout(Duration::from_secs(5), w.died()).await.unwrap_or_default();
+        assert_eq!(name, "panicky");
+        drop(w.spawn("quitter".into(), async {}));
+        let name = tokio::time::timeout(Duration::from_secs(5), w.died()).await.unwrap_or_default();
+        assert_eq!(name, "quitter");
+        w.stand_down();
+        let done = w.spawn("told to stop".into(), async {});
+        let _ = done.await;
+        assert!(tokio::time::timeout(Duration::from_millis(100), w.died()).await.is_err(), "a task ending after stand_down is not a death");
     }
 }

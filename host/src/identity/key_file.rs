@@ -1,6 +1,6 @@
 //! Reading and writing the identity key file, with ssh's permission rule.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
@@ -45,6 +45,14 @@ pub enum IdentityError {
         /// What is wrong.
         reason: String,
     },
+    /// The key file is a symbolic link: followed, it could be swapped under the node
+    /// between the permission check and the read; dangling, it would be replaced by a new
+    /// identity.
+    #[error("{path}: is a symbolic link; point the node at the key file itself")]
+    Symlink {
+        /// The key file.
+        path: PathBuf,
+    },
     /// Refusing to overwrite an existing identity.
     #[error("{path}: an identity already exists (its PeerId would be lost); pass --force to replace it")]
     Exists {
@@ -72,16 +80,25 @@ pub fn default_data_dir() -> Option<PathBuf> {
 }
 
 impl Identity {
-    /// Reads an identity, refusing a key file readable by group or others.
+    /// Reads an identity, refusing a key file readable by group or others, and a symbolic
+    /// link. The permissions checked are those of the very file read (one open, no
+    /// following of links), so nothing can be swapped in between.
     pub fn load(path: &Path) -> Result<Identity, IdentityError> {
         let io = |source| IdentityError::Io { path: path.to_path_buf(), source };
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(IdentityError::Missing { path: path.to_path_buf() })
-            }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_NOFOLLOW);
+        }
+        let mut file = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IdentityError::Missing { path: path.to_path_buf() }),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(IdentityError::Symlink { path: path.to_path_buf() }),
             Err(e) => return Err(io(e)),
         };
+        let meta = file.metadata().map_err(io)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -90,7 +107,9 @@ impl Identity {
                 return Err(IdentityError::Permissions { path: path.to_path_buf(), mode });
             }
         }
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(io)?);
+        let mut bytes = Zeroizing::new(Vec::with_capacity(FILE_LEN));
+        // One byte more than a key file holds, to tell a longer file apart.
+        (&mut file).take(FILE_LEN as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
         let corrupt = |reason: &str| IdentityError::Corrupt { path: path.to_path_buf(), reason: reason.to_owned() };
         if bytes.len() != FILE_LEN || &bytes[..4] != MAGIC {
             return Err(corrupt("not an antmesh identity file"));
@@ -111,7 +130,8 @@ impl Identity {
     /// directory, then rename). Refuses to replace an existing file unless `force`.
     pub fn save(&self, path: &Path, force: bool) -> Result<(), IdentityError> {
         let io = |source| IdentityError::Io { path: path.to_path_buf(), source };
-        if !force && path.exists() {
+        // `symlink_metadata`: a dangling link is something that exists, not room for a key.
+        if !force && std::fs::symlink_metadata(path).is_ok() {
             return Err(IdentityError::Exists { path: path.to_path_buf() });
         }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -137,6 +157,9 @@ impl Identity {
             let _ = std::fs::remove_file(&tmp);
             return Err(io(e));
         }
+        // The rename is durable only once the directory is: without this a power cut can
+        // lose a key the node already used, and a new one would be made on restart.
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok(())
     }
 
@@ -203,5 +226,21 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         assert!(matches!(Identity::load(&path), Err(IdentityError::Corrupt { .. })));
         assert!(matches!(Identity::load(&dir.path().join("none")), Err(IdentityError::Missing { .. })));
+    }
+
+    #[test]
+    fn symbolic_links_are_refused_and_a_dangling_one_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        let id = Identity::generate().unwrap();
+        id.save(&real, false).unwrap();
+        let link = dir.path().join("identity.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(Identity::load(&link), Err(IdentityError::Symlink { .. })));
+        let dangling = dir.path().join("dangling.key");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
+        assert!(matches!(Identity::load_or_create(&dangling), Err(IdentityError::Symlink { .. })));
+        assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink(), "the link was not replaced");
+        assert!(matches!(Identity::generate().unwrap().save(&dangling, false), Err(IdentityError::Exists { .. })));
     }
 }

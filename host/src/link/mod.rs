@@ -79,6 +79,31 @@ pub struct LinkConfig {
     pub max_tickets: usize,
     /// Offer resumption when a ticket is held.
     pub resumption: bool,
+    /// When a responder asks an initiator to prove its address (a Cookie it must echo)
+    /// before signing anything for it.
+    pub cookie: CookieMode,
+    /// Handshakes in progress from one source: an IP address, other link addresses as
+    /// they are.
+    pub max_handshakes_per_source: usize,
+    /// Sessions (handshakes included) from one source.
+    pub max_sessions_per_source: usize,
+    /// Handshakes answered per second for initiators that did not prove their address
+    /// (each costs an ML-DSA-65 signature); beyond, a Cookie first.
+    pub responder_rate: f64,
+    /// Burst of that allowance.
+    pub responder_burst: u32,
+}
+
+/// When a responder wants an address proof before it answers a Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CookieMode {
+    /// Never: answer every Hello (within the allowance; then refuse as busy).
+    Never,
+    /// Once handshakes pile up (half of `max_handshakes`) or the unproven allowance is
+    /// spent: the default. One more round trip, only under load.
+    UnderLoad,
+    /// Always: one more round trip for every full handshake (not for resumptions).
+    Always,
 }
 
 impl LinkConfig {
@@ -105,6 +130,11 @@ impl LinkConfig {
             max_known_keys: 256,
             max_tickets: 256,
             resumption: true,
+            cookie: CookieMode::UnderLoad,
+            max_handshakes_per_source: 2,
+            max_sessions_per_source: 8,
+            responder_rate: 5.0,
+            responder_burst: 10,
         }
     }
 
@@ -287,6 +317,13 @@ pub enum FrameError {
     /// A handshake from a peer this engine blocked ([`LinkEngine::block_peer`]).
     #[error("{0} is blocked")]
     Blocked(PeerId),
+    /// Its source already has `max_handshakes_per_source` handshakes or
+    /// `max_sessions_per_source` sessions.
+    #[error("too many handshakes or sessions from this source")]
+    SourceLimit,
+    /// A CookieEcho with the wrong cookie.
+    #[error("wrong cookie")]
+    BadCookie,
     /// A frame that is valid but not expected now (for example a Hello that lost a
     /// simultaneous-open tie-break).
     #[error("{0:?} frame ignored in this state")]
@@ -352,6 +389,10 @@ pub struct LinkStats {
     pub handshakes_failed: u64,
     /// Segments retransmitted.
     pub retransmits: u64,
+    /// Cookies sent (address proofs asked for before answering a Hello).
+    pub cookies_sent: u64,
+    /// Hellos answered with a signed Reply.
+    pub hellos_answered: u64,
 }
 
 enum InitStage {
@@ -430,6 +471,38 @@ struct HelloRx {
 /// Reports of missing Hello fragments per attempt.
 const MAX_HELLO_NACKS: u32 = 3;
 
+/// A whole Hello kept while its initiator proves its address.
+struct HeldHello {
+    tag: u16,
+    last: u8,
+    hello: Vec<u8>,
+    cookie: [u8; wire::COOKIE_LEN],
+    at: Instant,
+}
+
+/// Where a peer is, for per-source limits: the IP of an IP address (any port), else the
+/// address itself.
+#[derive(PartialEq, Eq)]
+enum Source<'a> {
+    Ip(std::net::IpAddr),
+    Other(&'a LinkAddr),
+}
+
+fn source_of(addr: &LinkAddr) -> Source<'_> {
+    match addr.socket_addr() {
+        Some(sa) => Source::Ip(match sa.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        }),
+        None => Source::Other(addr),
+    }
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 struct Peer {
     addr: LinkAddr,
     hs: Option<Hs>,
@@ -437,6 +510,7 @@ struct Peer {
     /// This node keeps a session to this address up, expecting this id (if known).
     want: Option<Option<PeerId>>,
     hello_rx: Option<HelloRx>,
+    held_hello: Option<HeldHello>,
     control: VecDeque<Vec<u8>>,
     completed: Option<Completed>,
     last_peer: Option<PeerId>,
@@ -452,6 +526,7 @@ impl Peer {
             session: None,
             want: None,
             hello_rx: None,
+            held_hello: None,
             control: VecDeque::new(),
             completed: None,
             last_peer: None,
@@ -478,6 +553,8 @@ pub struct LinkEngine {
     stats: LinkStats,
     /// Peers refused until the instant.
     blocked: HashMap<PeerId, Instant>,
+    /// Hellos answered for initiators that did not prove their address.
+    responder: crate::budget::Limiter,
 }
 
 /// Most peers remembered as blocked.
@@ -495,6 +572,7 @@ impl LinkEngine {
     }
 
     fn with_rng(me: Arc<Identity>, cfg: LinkConfig, rng: Rng) -> LinkEngine {
+        let cfg_rate = (cfg.responder_rate, cfg.responder_burst);
         LinkEngine {
             me,
             cfg,
@@ -510,6 +588,7 @@ impl LinkEngine {
             next_tx: None,
             stats: LinkStats::default(),
             blocked: HashMap::new(),
+            responder: crate::budget::Limiter::new(cfg_rate.0, cfg_rate.1),
         }
     }
 
@@ -756,6 +835,8 @@ impl LinkEngine {
             Frame::Resume { tag, ticket, nonce, mac } => self.on_resume(now, i, frame, tag, ticket, nonce, mac),
             Frame::ResumeOk { tag, nonce: _, mac } => self.on_resume_ok(now, i, frame, tag, mac),
             Frame::Reject { tag, reason } => self.on_reject(now, i, tag, RejectReason::from_u8(reason)),
+            Frame::Cookie { echo: false, tag, cookie } => self.on_cookie(i, tag, cookie),
+            Frame::Cookie { echo: true, tag, cookie } => self.on_cookie_echo(now, i, tag, cookie),
             Frame::Data { .. } => Ok(()),
         }
     }
@@ -811,6 +892,11 @@ impl LinkEngine {
         if matches!(&p.completed, Some(Completed::Full { tag: t, .. }) if *t == tag) {
             return Err(FrameError::Ignored(Kind::Hello));
         }
+        if let Some(h) = p.held_hello.as_ref().filter(|h| h.tag == tag) {
+            // The initiator has not seen our Cookie (or its echo was lost): again.
+            p.control.push_back(Frame::Cookie { echo: false, tag, cookie: &h.cookie }.encode());
+            return Ok(());
+        }
         if p.hello_rx.as_ref().is_none_or(|h| h.tag != tag) {
             p.hello_rx = Some(HelloRx { tag, rx: Reassembly::new(handshake::MAX_HELLO), nack_at: None, nacks: 0 });
         }
@@ -837,17 +923,57 @@ impl LinkEngine {
                 p.hs = None;
             }
         }
-        if let Ok(claimed) = handshake::Hello::decode(&hello).map(|h| h.peer) {
-            if self.is_blocked(now, &claimed) {
-                self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Refused as u8 }.encode());
-                return Err(FrameError::Blocked(claimed));
+        let claimed = handshake::Hello::decode(&hello).map(|h| h.peer).ok();
+        if let Some(c) = claimed.filter(|c| self.is_blocked(now, c)) {
+            self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Refused as u8 }.encode());
+            return Err(FrameError::Blocked(c));
+        }
+        // A rekey of the session on this address: its peer proved itself already.
+        let session_peer = self.peers[i].session.as_ref().filter(|s| s.confirmed).map(|s| s.peer.peer_id());
+        let proven = session_peer.is_some() && session_peer == claimed;
+        self.answer_hello(now, i, tag, last, hello, proven)
+    }
+
+    /// Answers a whole Hello: signs a Reply, or asks for an address proof first, or
+    /// refuses. `proven`: the initiator echoed our cookie, or holds the session on this
+    /// address.
+    fn answer_hello(&mut self, now: Instant, i: usize, tag: u16, last: u8, hello: Vec<u8>, proven: bool) -> Result<(), FrameError> {
+        let refuse = |this: &mut Self, e: FrameError| {
+            this.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Busy as u8 }.encode());
+            Err(e)
+        };
+        if self.peers[i].hs.is_none() {
+            if self.handshakes_in_progress() >= self.cfg.max_handshakes {
+                return refuse(self, FrameError::Busy);
+            }
+            let (handshakes, sessions) = self.source_load(&self.peers[i].addr);
+            let new_session = self.peers[i].session.is_none();
+            if handshakes >= self.cfg.max_handshakes_per_source || (new_session && sessions >= self.cfg.max_sessions_per_source) {
+                return refuse(self, FrameError::SourceLimit);
             }
         }
-        let p = &mut self.peers[i];
-        let busy = p.hs.is_none() && self.handshakes_in_progress() >= self.cfg.max_handshakes;
-        if busy {
-            self.peers[i].control.push_back(Frame::Reject { tag, reason: RejectReason::Busy as u8 }.encode());
-            return Err(FrameError::Busy);
+        if proven {
+            // Counted, but never refused for the allowance: proven initiators are whom it
+            // is kept for.
+            let _ = self.responder.allow(now);
+        } else {
+            let under_load = 2 * self.handshakes_in_progress() >= self.cfg.max_handshakes || !self.responder.would_allow(now, 1.0);
+            let cookie = match self.cfg.cookie {
+                CookieMode::Always => true,
+                CookieMode::UnderLoad => under_load,
+                CookieMode::Never => false,
+            };
+            if cookie {
+                let cookie = self.rng.bytes::<{ wire::COOKIE_LEN }>();
+                let p = &mut self.peers[i];
+                p.control.push_back(Frame::Cookie { echo: false, tag, cookie: &cookie }.encode());
+                p.held_hello = Some(HeldHello { tag, last, hello, cookie, at: now });
+                self.stats.cookies_sent += 1;
+                return Ok(());
+            }
+            if !self.responder.allow(now) {
+                return refuse(self, FrameError::Busy);
+            }
         }
         let keep = self.peers[i].session.as_ref().is_some_and(|s| s.confirmed);
         let session_peer = self.peers[i].session.as_ref().map(|s| s.peer.peer_id());
@@ -860,6 +986,7 @@ impl LinkEngine {
             Ok(w) => w,
             Err(e) => return Err(self.fail(now, i, e)),
         };
+        self.stats.hellos_answered += 1;
         let mode = if wait.reply.first().is_some_and(|f| f & (handshake::HAS_KEY | handshake::SEND_KEY) != 0) {
             Mode::Cold
         } else {
@@ -878,6 +1005,43 @@ impl LinkEngine {
             mode,
         })));
         Ok(())
+    }
+
+    /// Handshakes in progress and sessions (or handshakes) with peers at `addr`'s source.
+    fn source_load(&self, addr: &LinkAddr) -> (usize, usize) {
+        let src = source_of(addr);
+        self.peers.iter().filter(|p| source_of(&p.addr) == src).fold((0, 0), |(h, s), p| {
+            (h + usize::from(p.hs.is_some()), s + usize::from(p.session.is_some() || p.hs.is_some()))
+        })
+    }
+
+    /// The responder asks for an address proof: echo it, if the attempt is ours.
+    fn on_cookie(&mut self, i: usize, tag: u16, cookie: &[u8; wire::COOKIE_LEN]) -> Result<(), FrameError> {
+        let p = &mut self.peers[i];
+        match &p.hs {
+            Some(Hs::Init(h)) if h.tag == tag && matches!(h.stage, InitStage::AwaitReply(_)) => {
+                p.control.push_back(Frame::Cookie { echo: true, tag, cookie }.encode());
+                Ok(())
+            }
+            _ => Err(FrameError::UnknownAttempt(tag)),
+        }
+    }
+
+    /// The initiator echoed our cookie: it receives at its address; answer its Hello.
+    fn on_cookie_echo(&mut self, now: Instant, i: usize, tag: u16, cookie: &[u8; wire::COOKIE_LEN]) -> Result<(), FrameError> {
+        let p = &mut self.peers[i];
+        let held = match p.held_hello.take() {
+            Some(h) if h.tag == tag => h,
+            other => {
+                p.held_hello = other;
+                return Err(FrameError::UnknownAttempt(tag));
+            }
+        };
+        if !same_bytes(&held.cookie, cookie) {
+            p.held_hello = Some(held);
+            return Err(FrameError::BadCookie);
+        }
+        self.answer_hello(now, i, tag, held.last, held.hello, true)
     }
 
     /// The nonce of this node's own initiation to `p` that the peer has not answered yet
@@ -1334,6 +1498,9 @@ impl LinkEngine {
         if stale {
             p.hello_rx = None;
         }
+        if p.held_hello.as_ref().is_some_and(|h| h.at + cfg.handshake_timeout <= now) {
+            p.held_hello = None;
+        }
         if nack_hello {
             if let Some(h) = p.hello_rx.as_mut() {
                 // A few reports of what is missing; an initiator that is still there probes
@@ -1527,6 +1694,9 @@ impl LinkEngine {
             }
             if let Some(t) = p.hello_rx.as_ref().and_then(|h| h.rx.last_progress) {
                 at(t + cfg.handshake_timeout);
+            }
+            if let Some(h) = &p.held_hello {
+                at(h.at + cfg.handshake_timeout);
             }
             match &p.hs {
                 Some(Hs::Init(h)) => {

@@ -11,7 +11,14 @@
 //! ResumeOk                 | v|kind | tag u16 | nonce [16] | mac [16]
 //! Reject                   | v|kind | tag u16 | reason u8
 //! Data                     | v|kind | key-id u8 | packet number u32 | AEAD ciphertext + tag [16]
+//! Cookie                   | v|kind | tag u16 | cookie [16]
+//! CookieEcho               | v|kind | tag u16 | cookie [16]
 //! ```
+//!
+//! Cookie and CookieEcho (kinds 9 and 10) came after the rest: a responder under load asks
+//! an initiator to prove it receives at its address before it signs anything. An engine
+//! without them ignores a Cookie, and is answered only while the responder is not under
+//! load.
 //!
 //! Multi-byte integers are big-endian. Decoding never panics and never allocates more than
 //! the frame's own length; these are views over the input slice (smoltcp style), the
@@ -33,6 +40,10 @@ pub const NONCE_LEN: usize = 16;
 pub const RESUME_LEN: usize = 3 + TICKET_ID_LEN + NONCE_LEN + TAG_LEN;
 /// Bytes in a ResumeOk frame.
 pub const RESUME_OK_LEN: usize = 3 + NONCE_LEN + TAG_LEN;
+/// Bytes of an address-proof cookie.
+pub const COOKIE_LEN: usize = 16;
+/// Bytes in a Cookie or CookieEcho frame.
+pub const COOKIE_FRAME_LEN: usize = 3 + COOKIE_LEN;
 /// The smallest MTU the engine runs on: a fragment header, a data header with its tag and
 /// a few payload bytes must fit.
 pub const MIN_MTU: usize = 48;
@@ -57,6 +68,10 @@ pub enum Kind {
     Reject = 7,
     /// An encrypted session packet.
     Data = 8,
+    /// Prove your address: echo this (responder → initiator, instead of a Reply).
+    Cookie = 9,
+    /// The echo of a Cookie (initiator → responder).
+    CookieEcho = 10,
 }
 
 impl Kind {
@@ -70,6 +85,8 @@ impl Kind {
             6 => Kind::ResumeOk,
             7 => Kind::Reject,
             8 => Kind::Data,
+            9 => Kind::Cookie,
+            10 => Kind::CookieEcho,
             _ => return None,
         })
     }
@@ -196,6 +213,15 @@ pub enum Frame<'a> {
         /// Why (see [`RejectReason`]).
         reason: u8,
     },
+    /// A responder's request for an address proof, or the initiator's echo of it.
+    Cookie {
+        /// Cookie or CookieEcho.
+        echo: bool,
+        /// The handshake attempt.
+        tag: u16,
+        /// The cookie.
+        cookie: &'a [u8; COOKIE_LEN],
+    },
     /// An encrypted packet.
     Data {
         /// The 6 header bytes (associated data).
@@ -307,6 +333,13 @@ impl<'a> Frame<'a> {
                 }
                 Ok(Frame::Reject { tag: tag()?, reason: buf[3] })
             }
+            Kind::Cookie | Kind::CookieEcho => {
+                if len != COOKIE_FRAME_LEN {
+                    return Err(if len < COOKIE_FRAME_LEN { truncated } else { length });
+                }
+                let cookie = array(&buf[3..COOKIE_FRAME_LEN]).ok_or(truncated)?;
+                Ok(Frame::Cookie { echo: kind == Kind::CookieEcho, tag: tag()?, cookie })
+            }
             Kind::Data => {
                 if len < DATA_HEADER_LEN + TAG_LEN {
                     return Err(truncated);
@@ -352,6 +385,11 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&tag.to_be_bytes());
                 out.push(reason);
             }
+            Frame::Cookie { echo, tag, cookie } => {
+                out.push(if echo { Kind::CookieEcho } else { Kind::Cookie }.first_byte());
+                out.extend_from_slice(&tag.to_be_bytes());
+                out.extend_from_slice(cookie);
+            }
             Frame::Data { header, sealed, .. } => {
                 out.extend_from_slice(header);
                 out.extend_from_slice(sealed);
@@ -368,6 +406,7 @@ impl<'a> Frame<'a> {
             Frame::Resume { .. } => RESUME_LEN,
             Frame::ResumeOk { .. } => RESUME_OK_LEN,
             Frame::Reject { .. } => 4,
+            Frame::Cookie { .. } => COOKIE_FRAME_LEN,
             Frame::Data { sealed, .. } => DATA_HEADER_LEN + sealed.len(),
         }
     }
@@ -407,6 +446,7 @@ mod tests {
             (any::<u16>(), any::<[u8; 16]>(), any::<[u8; 16]>())
                 .prop_map(|(tag, n, m)| Frame::ResumeOk { tag, nonce: &n, mac: &m }.encode()),
             (any::<u16>(), any::<u8>()).prop_map(|(tag, reason)| Frame::Reject { tag, reason }.encode()),
+            (any::<bool>(), any::<u16>(), any::<[u8; 16]>()).prop_map(|(echo, tag, c)| Frame::Cookie { echo, tag, cookie: &c }.encode()),
             (any::<u8>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 16..300)).prop_map(|(k, pn, sealed)| {
                 let header = data_header(k, pn);
                 Frame::Data { header: &header, key_id: k, pn, sealed: &sealed }.encode()
@@ -444,5 +484,7 @@ mod tests {
             Err(WireError::Length { kind: Kind::Hello, len: 5 })
         );
         assert_eq!(Frame::decode(&[Kind::HsAck.first_byte(), 0, 1, 4, 0, 1]), Err(WireError::AckMessage(4)));
+        assert_eq!(Frame::decode(&[Kind::Cookie.first_byte(), 0, 1, 2]), Err(WireError::Truncated { kind: Kind::Cookie, len: 4 }));
+        assert_eq!(Frame::decode(&[Kind::CookieEcho.first_byte(); 20]), Err(WireError::Length { kind: Kind::CookieEcho, len: 20 }));
     }
 }

@@ -11,6 +11,12 @@
 //! 3. the ABI version it was built against is accepted by this host ([`ABI_VERSION`]);
 //! 4. the layout of every type crossing the boundary matches (abi_stable's check);
 //! 5. what the library reports matches its manifest, and no other plugin has its name.
+//!
+//! A node loads only the plugins its configuration names ([`load_named`]): opening a
+//! library runs its constructors, so a stray file in the plugin directory must not get
+//! that far. `antmesh plugins` lists a whole directory ([`load_dir`]) on request. A
+//! manifest's checksum is verified on the bytes that are then loaded (a private in-memory
+//! copy on Linux), so the file cannot be swapped between the check and `dlopen`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +103,29 @@ pub enum PluginLoadError {
         name: String,
         /// The library that keeps it.
         first: PathBuf,
+    },
+    /// The configuration names a plugin the directory does not hold.
+    #[error("no plugin named `{name}` in {dir} (looked for {name}/plugin.ron and {library})")]
+    NotFound {
+        /// The directory.
+        dir: PathBuf,
+        /// The name.
+        name: String,
+        /// The bare library file name looked for.
+        library: String,
+    },
+    /// A plugin name that cannot be a file name (empty, or not `[a-z0-9_-]`).
+    #[error("`{0}` is not a plugin name (lowercase letters, digits, `_` and `-`)")]
+    BadName(String),
+    /// The library found under a name reports another.
+    #[error("{file}: found as plugin `{wanted}` but reports the name `{reported}`")]
+    NameMismatch {
+        /// The library.
+        file: PathBuf,
+        /// The name it was looked up by.
+        wanted: String,
+        /// The name it reports.
+        reported: String,
     },
     /// Reading a file failed.
     #[error("{file}: {source}")]
@@ -187,6 +216,54 @@ fn is_library(path: &Path) -> bool {
         .is_some_and(|n| n.ends_with(std::env::consts::DLL_SUFFIX) && n.starts_with(std::env::consts::DLL_PREFIX))
 }
 
+/// Whether `name` can name a plugin (and so a file in the plugin directory).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The file name of plugin `name`'s bare library (`libantmesh_<name>.so` on Linux).
+pub fn library_file_name(name: &str) -> String {
+    format!("{}antmesh_{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+/// Loads the plugins called `names` from `dir`, and nothing else: each from
+/// `<dir>/<name>/plugin.ron` if installed, else from its bare library
+/// ([`library_file_name`]). Refused or missing plugins are listed in
+/// [`PluginSet::errors`].
+pub fn load_named(dir: &Path, names: &[&str]) -> Result<PluginSet, PluginDirError> {
+    std::fs::read_dir(dir).map_err(|source| PluginDirError { dir: dir.to_path_buf(), source })?;
+    let mut set = PluginSet { dir: dir.to_path_buf(), ..PluginSet::default() };
+    let mut done = std::collections::HashSet::new();
+    for &name in names {
+        if !done.insert(name) {
+            continue;
+        }
+        if !valid_name(name) {
+            set.errors.push(PluginLoadError::BadName(name.to_owned()));
+            continue;
+        }
+        let manifest = dir.join(name).join("plugin.ron");
+        let bare = dir.join(library_file_name(name));
+        let result = if manifest.is_file() {
+            load_installed(&manifest)
+        } else if bare.is_file() {
+            load_library(&bare, None)
+        } else {
+            Err(PluginLoadError::NotFound { dir: dir.to_path_buf(), name: name.to_owned(), library: library_file_name(name) })
+        };
+        match result {
+            Ok(p) if p.name() != name => set.errors.push(PluginLoadError::NameMismatch {
+                file: p.path.clone(),
+                wanted: name.to_owned(),
+                reported: p.name().to_owned(),
+            }),
+            Ok(p) => set.plugins.push(p),
+            Err(e) => set.errors.push(e),
+        }
+    }
+    Ok(set)
+}
+
 /// Loads every plugin in `dir`. Refused plugins are listed in [`PluginSet::errors`].
 pub fn load_dir(dir: &Path) -> Result<PluginSet, PluginDirError> {
     let rd = std::fs::read_dir(dir).map_err(|source| PluginDirError { dir: dir.to_path_buf(), source })?;
@@ -239,14 +316,45 @@ pub fn load_installed(manifest_path: &Path) -> Result<LoadedPlugin, PluginLoadEr
     }
     let dir = manifest_path.parent().unwrap_or(Path::new("."));
     let lib = dir.join(&manifest.library);
-    if let Some(expected) = &manifest.checksum {
-        let bytes = std::fs::read(&lib).map_err(|source| PluginLoadError::Io { file: lib.clone(), source })?;
-        let found = hex::encode(Sha256::digest(&bytes));
-        if !found.eq_ignore_ascii_case(expected) {
-            return Err(PluginLoadError::Checksum { file: lib, expected: expected.clone(), found });
-        }
+    let Some(expected) = manifest.checksum.clone() else { return load_library(&lib, Some(manifest)) };
+    let bytes = std::fs::read(&lib).map_err(|source| PluginLoadError::Io { file: lib.clone(), source })?;
+    let found = hex::encode(Sha256::digest(&bytes));
+    if !found.eq_ignore_ascii_case(&expected) {
+        return Err(PluginLoadError::Checksum { file: lib, expected, found });
     }
-    load_library(&lib, Some(manifest))
+    load_verified_bytes(&lib, &bytes, manifest)
+}
+
+/// Loads a library whose bytes were just checked: from a private in-memory copy of exactly
+/// those bytes, so that what runs is what was hashed even if the file changes meanwhile.
+/// The copy stays open for the process's life, as native plugins are never unloaded.
+#[cfg(target_os = "linux")]
+fn load_verified_bytes(lib: &Path, bytes: &[u8], manifest: PluginManifest) -> Result<LoadedPlugin, PluginLoadError> {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let io = |source| PluginLoadError::Io { file: lib.to_path_buf(), source };
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned by `file`.
+    let fd = unsafe { libc::memfd_create(c"antmesh-plugin".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes).map_err(io)?;
+    let copy = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let mut p = load_library(&copy, Some(manifest)).map_err(|e| match e {
+        PluginLoadError::Open { detail, .. } => PluginLoadError::Open { file: lib.to_path_buf(), detail },
+        other => other,
+    })?;
+    p.path = lib.to_path_buf();
+    std::mem::forget(file);
+    Ok(p)
+}
+
+/// Elsewhere the checked file is loaded by path (a window remains between check and load).
+#[cfg(not(target_os = "linux"))]
+fn load_verified_bytes(lib: &Path, _bytes: &[u8], manifest: PluginManifest) -> Result<LoadedPlugin, PluginLoadError> {
+    load_library(lib, Some(manifest))
 }
 
 fn describe(err: &LibraryError) -> String {

@@ -463,7 +463,7 @@ impl P2pEndpoint {
     /// Loads the UDP plugin, binds `config.bind` and starts accepting connections.
     pub async fn new(config: P2pConfig) -> Result<P2pEndpoint, EndpointError> {
         let dir = config.plugin_dir.clone().or_else(loader::default_plugin_dir).ok_or(EndpointError::NoPluginDir)?;
-        let set = loader::load_dir(&dir)?;
+        let set = loader::load_named(&dir, &["udp"])?;
         let plugin = set.get("udp").ok_or_else(|| EndpointError::NoUdpPlugin(dir.clone()))?;
         let (t, events) = NativeTransport::open(plugin, "quic", &format!("(bind: \"{}\")", config.bind))?;
         Self::with_transport(config, Arc::new(t), events)
