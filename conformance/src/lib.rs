@@ -12,6 +12,7 @@
 pub mod cable;
 pub mod fixture;
 pub mod harness;
+pub mod hostile;
 pub mod report;
 pub mod suite;
 

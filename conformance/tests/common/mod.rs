@@ -2,6 +2,8 @@
 //! and a one-time build of the misbehaving test plugins.
 #![allow(dead_code)]
 
+pub mod scene;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

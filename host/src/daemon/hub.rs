@@ -42,12 +42,17 @@ use super::persist::Persistence;
 pub const MSG_MESH: u8 = 0x02;
 pub use crate::mesh::dest::NODE_SERVICE;
 
-const PROBE: u8 = 0x01;
-const PROBE_REPLY: u8 = 0x02;
 use crate::mesh::links::{LinkUpdate, MeshLinks, LINK_FRAME};
-const KEY_REQUEST: u8 = 0x04;
-const KEY_RECORD: u8 = 0x05;
-const SEALED: u8 = 0x06;
+/// Node payload type: a probe (`id [8] | reply-to [16]`).
+pub const PROBE: u8 = 0x01;
+/// Node payload type: a probe's reply (`id [8]`).
+pub const PROBE_REPLY: u8 = 0x02;
+/// Node payload type: a request for the sealing key (`reply-to [16]`).
+pub const KEY_REQUEST: u8 = 0x04;
+/// Node payload type: a signed sealing key record (`destination [16] | record`).
+pub const KEY_RECORD: u8 = 0x05;
+/// Node payload type: a sealed packet.
+pub const SEALED: u8 = 0x06;
 /// A reply-to destination gets the key record at most this often.
 const KEY_ANSWER_EVERY: Duration = Duration::from_secs(30);
 /// Most remote sealing keys kept.

@@ -142,7 +142,7 @@ pub async fn run_link(
                     let now = std::time::Instant::now();
                     if dial {
                         if let Err(e) = engine.connect(now, peer.clone(), expect) {
-                            tracing::warn!(interface = %iface, peer = %show(&peer), "cannot start a session: {e}");
+                            log_limited!(failure_log, warn, interface = %iface, peer = %show(&peer), "cannot start a session: {e}");
                         }
                     }
                     engine.link_up(now, &peer);

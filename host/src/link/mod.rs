@@ -340,6 +340,9 @@ pub enum ConnectError {
     /// A handshake message does not fit 256 fragments at this MTU.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    /// Its source already holds `max_sessions_per_source` peers.
+    #[error("too many peers from this source")]
+    SourceLimit,
     /// The transport's MTU is below [`wire::MIN_MTU`].
     #[error("MTU {mtu} is below the engine's minimum of {} bytes", wire::MIN_MTU)]
     MtuTooSmall {
@@ -516,6 +519,10 @@ struct Peer {
     last_peer: Option<PeerId>,
     retry_at: Option<Instant>,
     failures: u32,
+    /// The transport reported the link down (and not up again): nothing is dialled, and
+    /// without a session the peer may be forgotten (an accepted connection's address never
+    /// comes back).
+    link_down: bool,
 }
 
 impl Peer {
@@ -532,7 +539,14 @@ impl Peer {
             last_peer: None,
             retry_at: None,
             failures: 0,
+            link_down: false,
         }
+    }
+
+    /// Whether the peer holds nothing worth keeping: no session, no handshake, and nobody
+    /// to dial (or a dialled link that is down).
+    fn is_idle(&self) -> bool {
+        self.session.is_none() && self.hs.is_none() && (self.want.is_none() || self.link_down)
     }
 }
 
@@ -709,7 +723,7 @@ impl LinkEngine {
         }
         if self.peers.len() >= self.cfg.max_peers {
             // Make room by dropping a peer with neither a session nor a handshake.
-            let idle = self.peers.iter().position(|p| p.session.is_none() && p.hs.is_none() && p.want.is_none())?;
+            let idle = self.peers.iter().position(Peer::is_idle)?;
             self.peers.swap_remove(idle);
         }
         self.peers.push(Peer::new(addr.clone()));
@@ -726,6 +740,14 @@ impl LinkEngine {
     pub fn connect(&mut self, now: Instant, addr: LinkAddr, expect: Option<PeerId>) -> Result<(), ConnectError> {
         if self.cfg.mtu < wire::MIN_MTU {
             return Err(ConnectError::MtuTooSmall { mtu: self.cfg.mtu });
+        }
+        // Dialling whatever a transport reports up (every accepted connection, on a
+        // listener) must not let one source fill the peer table.
+        let known = self.peers.iter().any(|p| p.addr == addr);
+        let src = source_of(&addr);
+        let from_source = self.peers.iter().filter(|p| !p.is_idle() && source_of(&p.addr) == src).count();
+        if !known && from_source >= self.cfg.max_sessions_per_source {
+            return Err(ConnectError::SourceLimit);
         }
         let i = self.peer_index(&addr).ok_or(ConnectError::TooManyPeers)?;
         self.peers[i].want = Some(expect);
@@ -1550,10 +1572,10 @@ impl LinkEngine {
             Some(Hs::Resume(_)) => {}
             None => {}
         }
-        if p.want.is_some() && p.session.is_none() && p.hs.is_none() && p.retry_at.is_none() {
+        if p.want.is_some() && p.session.is_none() && p.hs.is_none() && p.retry_at.is_none() && !p.link_down {
             p.retry_at = Some(now + delay);
         }
-        if p.want.is_some() && p.session.is_none() && p.hs.is_none() && p.retry_at.is_some_and(|t| t <= now) {
+        if p.want.is_some() && p.session.is_none() && p.hs.is_none() && !p.link_down && p.retry_at.is_some_and(|t| t <= now) {
             p.retry_at = None;
             if let Err(e) = self.start_handshake(now, i, false) {
                 let _ = self.fail(now, i, e);
@@ -1725,7 +1747,7 @@ impl LinkEngine {
                 },
                 None => {}
             }
-            if p.hs.is_none() && p.session.is_none() && p.want.is_some() {
+            if p.hs.is_none() && p.session.is_none() && p.want.is_some() && !p.link_down {
                 if let Some(r) = p.retry_at {
                     at(r);
                 }
@@ -1755,10 +1777,17 @@ impl LinkEngine {
 
     /// Tells the engine the transport lost `addr` (hangup, connection closed). The session
     /// stays until `dead_after` (the link may come back); a wanted peer is redialled when
-    /// [`LinkEngine::link_up`] reports it again.
+    /// [`LinkEngine::link_up`] reports it again, not before. A handshake this node started
+    /// towards it is dropped (its frames cannot arrive), and a peer left with nothing may
+    /// be forgotten to make room.
     pub fn link_down(&mut self, addr: &LinkAddr) {
         if let Some(p) = self.peers.iter_mut().find(|p| p.addr == *addr) {
             p.failures = 0;
+            p.link_down = true;
+            p.retry_at = None;
+            if p.session.is_none() && matches!(p.hs, Some(Hs::Init(_) | Hs::Resume(_))) {
+                p.hs = None;
+            }
         }
     }
 
@@ -1767,6 +1796,7 @@ impl LinkEngine {
     pub fn link_up(&mut self, now: Instant, addr: &LinkAddr) {
         if let Some(i) = self.peers.iter().position(|p| p.addr == *addr) {
             let p = &mut self.peers[i];
+            p.link_down = false;
             if p.want.is_some() && p.session.is_none() && p.hs.is_none() {
                 p.retry_at = Some(now);
             }

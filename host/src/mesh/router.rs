@@ -567,7 +567,7 @@ impl Router {
 
     fn evict_remove(&mut self, key: &EvictKey) {
         if self.evict.remove(key) && !has_path_class(key.0) {
-            self.pathless -= 1;
+            self.pathless = self.pathless.saturating_sub(1);
         }
     }
 

@@ -102,21 +102,31 @@ impl StoreError {
     /// Whether the file itself is unreadable (damaged, or a format this build cannot
     /// read), as opposed to the disk or the system failing.
     pub fn is_damage(&self) -> bool {
-        let storage_damage = |e: &redb::StorageError| matches!(e, redb::StorageError::Corrupted(_));
+        // redb reports a file that is not a database at all (bad magic, short) as I/O
+        // errors of these kinds.
+        let unreadable = |e: &std::io::Error| matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof);
+        let storage_damage = |e: &redb::StorageError| match e {
+            redb::StorageError::Corrupted(_) => true,
+            redb::StorageError::Io(e) => unreadable(e),
+            _ => false,
+        };
         match self {
             StoreError::Open { source, .. } => match source.as_ref() {
                 redb::DatabaseError::Storage(e) => storage_damage(e),
                 redb::DatabaseError::UpgradeRequired(_) | redb::DatabaseError::RepairAborted => true,
                 _ => false,
             },
-            StoreError::Db(e) => matches!(
-                e.as_ref(),
-                redb::Error::Corrupted(_)
-                    | redb::Error::UpgradeRequired(_)
-                    | redb::Error::TableTypeMismatch { .. }
-                    | redb::Error::TableIsMultimap(_)
-                    | redb::Error::TypeDefinitionChanged { .. }
-            ),
+            StoreError::Db(e) => match e.as_ref() {
+                redb::Error::Io(e) => unreadable(e),
+                other => matches!(
+                    other,
+                    redb::Error::Corrupted(_)
+                        | redb::Error::UpgradeRequired(_)
+                        | redb::Error::TableTypeMismatch { .. }
+                        | redb::Error::TableIsMultimap(_)
+                        | redb::Error::TypeDefinitionChanged { .. }
+                ),
+            },
             StoreError::MoveAside { .. } => false,
         }
     }

@@ -24,6 +24,7 @@ pub const MAX_MTU: u32 = 16 * 1024 * 1024;
 ///   backoff_max_ms: 30000,
 ///   nodelay: true,
 ///   max_connections: 256,
+///   max_connections_per_ip: 32,
 ///   frame_timeout_ms: 30000,
 /// )
 /// ```
@@ -51,6 +52,9 @@ pub struct Config {
     /// bounded by `connect`. Each connection costs a descriptor and up to `mtu` bytes of
     /// partial frame, so this is what keeps an unauthenticated listener from exhausting either.
     pub max_connections: usize,
+    /// Accepted connections open at once from one IP address: one stranger cannot take all
+    /// of `max_connections` and lock everyone else out. Dials are not counted.
+    pub max_connections_per_ip: usize,
     /// A connection that stops sending in the middle of a frame for this long is dropped: it
     /// holds a buffer for a frame that may never complete. Idle connections between frames are
     /// not affected.
@@ -69,6 +73,7 @@ impl Default for Config {
             backoff_max_ms: 30_000,
             nodelay: true,
             max_connections: 256,
+            max_connections_per_ip: 32,
             frame_timeout_ms: 30_000,
         }
     }
@@ -110,6 +115,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(PluginError::bad_config("max_connections must be at least 1"));
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err(PluginError::bad_config("max_connections_per_ip must be at least 1"));
         }
         if self.frame_timeout_ms == 0 {
             // Zero would drop every connection whose frame spans two reads.

@@ -325,6 +325,7 @@ pub(crate) struct Reactor {
     queue_frames: usize,
     nodelay: bool,
     max_connections: usize,
+    max_connections_per_ip: usize,
     frame_timeout: Duration,
 }
 
@@ -376,6 +377,7 @@ impl Reactor {
             queue_frames: config.queue_frames,
             nodelay: config.nodelay,
             max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections_per_ip,
             frame_timeout: config.frame_timeout(),
         };
         Ok((reactor, waker))
@@ -602,6 +604,13 @@ impl Reactor {
                         let limit = self.max_connections;
                         let why = format!("refused connection from {peer}: max_connections ({limit}) reached");
                         self.log(LogLevel::Debug, &why);
+                        continue;
+                    }
+                    let from_ip = self.conns.values().filter(|c| c.dialer.is_none() && c.peer.ip() == peer.ip()).count();
+                    if from_ip >= self.max_connections_per_ip {
+                        drop(stream);
+                        let limit = self.max_connections_per_ip;
+                        self.log(LogLevel::Debug, &format!("refused connection from {peer}: max_connections_per_ip ({limit}) reached"));
                         continue;
                     }
                     let t = self.token();

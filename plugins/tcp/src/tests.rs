@@ -717,6 +717,53 @@ fn connections_beyond_max_connections_are_refused() {
 }
 
 #[test]
+fn one_ip_gets_at_most_its_share_of_connections() {
+    let _s = serial();
+    let (c, mut rc) = start(r#"(listen: Some("127.0.0.1:0"), max_connections_per_ip: 2)"#);
+    let caddr = listen_addr(&c);
+    let (_g1, _) = raw_peer(caddr, &mut rc);
+    let (_g2, _) = raw_peer(caddr, &mut rc);
+    // A third from 127.0.0.1 is closed at once; one from 127.0.0.2 is taken.
+    let g3 = StdTcpStream::connect(caddr).unwrap();
+    assert_dropped(g3);
+    let logged = rc.wait(WAIT, |e| match e {
+        Ev::Log(LogLevel::Debug, m) if m.contains("max_connections_per_ip") => Some(()),
+        _ => None,
+    });
+    assert!(logged.is_some(), "no debug log for the refused connection");
+    let other = socket2_connect_from("127.0.0.2", caddr);
+    let up = rc.up();
+    assert_eq!(up.ip(), other.local_addr().unwrap().ip());
+    c.close().unwrap();
+}
+
+/// A TCP connection to `to` from `ip` (any port).
+fn socket2_connect_from(ip: &str, to: std::net::SocketAddr) -> StdTcpStream {
+    let local: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
+    // SAFETY: plain socket calls on a descriptor owned by the returned stream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        use std::os::fd::FromRawFd;
+        let s = StdTcpStream::from_raw_fd(fd);
+        let sa = |a: std::net::SocketAddr| match a {
+            std::net::SocketAddr::V4(v4) => libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            },
+            _ => panic!("IPv4 only"),
+        };
+        let l = sa(local);
+        assert_eq!(libc::bind(fd, std::ptr::addr_of!(l).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t), 0);
+        let r = sa(to);
+        assert_eq!(libc::connect(fd, std::ptr::addr_of!(r).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t), 0);
+        s
+    }
+}
+
+#[test]
 fn a_peer_stalling_mid_frame_is_dropped() {
     let _s = serial();
     let (c, mut rc) = start(r#"(listen: Some("127.0.0.1:0"), frame_timeout_ms: 200)"#);
