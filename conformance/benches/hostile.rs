@@ -96,7 +96,21 @@ fn main() {
         "{:<24} {:>12}  {:>6}  {:>7} {:>7} {:>7}  {:>13}  {:>13}  {:>6}  {:>4}",
         "attack", "attacker", "A CPU", "RSS", "max", "late", "RTT p50/p99", "under attack", "p99 x", "lost"
     );
-    let quic: [(&'static str, Vec<&str>); 10] = [
+    if "control: one core busy".contains(&only) {
+        // Not an attack: a busy loop on one core for the same time, so that the machine's
+        // own contention (two cores; the attacker takes one) can be told apart from what an
+        // attack makes the node do.
+        let s = stage(false, "");
+        print(&run("control: one core busy", &s, secs, || {
+            let mut hog = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+            std::thread::sleep(Duration::from_secs(secs));
+            let _ = hog.kill();
+            let _ = hog.wait();
+            json!({"rate": 0.0})
+        }));
+    }
+    let quic: [(&'static str, Vec<&str>); 11] = [
+        ("control: junk datagrams", vec!["junk"]),
         ("streams", vec!["streams"]),
         ("connections, one id", vec!["connections"]),
         ("connections, fresh ids", vec!["connections", "--fresh"]),

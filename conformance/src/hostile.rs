@@ -341,6 +341,31 @@ pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>)
     Ok(r)
 }
 
+/// Not QUIC at all: random 100-byte UDP datagrams from one socket, as fast as it goes. A
+/// control for the floods: whatever they cost beyond this is the node's doing, up to it is
+/// the cost of receiving that many packets. Blocking: run it on its own thread.
+pub fn junk(target: SocketAddr, duration: Duration) -> Result<Report, AttackError> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut r = Report::new("junk-datagrams");
+    let mut rng = rng()?;
+    let sock = std::net::UdpSocket::bind(any_port(target))?;
+    let mut buf = [0u8; 100];
+    while Instant::now() < deadline {
+        for _ in 0..64 {
+            rng.fill(&mut buf);
+            // A short header with the fixed bit: the first thing quinn looks at passes.
+            buf[0] = 0x40 | (buf[0] & 0x3f);
+            if sock.send_to(&buf, target).is_ok() {
+                r.sent += 1;
+                r.bytes += buf.len() as u64;
+            }
+        }
+    }
+    r.seconds = start.elapsed().as_secs_f64();
+    Ok(r)
+}
+
 /// What a neighbour floods the node with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Flood {

@@ -41,6 +41,8 @@ enum Attack {
         #[arg(long)]
         fresh: bool,
     },
+    /// Random UDP datagrams (not QUIC): the cost of receiving packets at all.
+    Junk,
     /// QUIC Initials never continued, each from a new source port.
     Initials {
         /// Spoof sources from this /16 (raw socket: root, in a network namespace).
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
     let result: Result<Report, hostile::AttackError> = match cli.attack {
         Attack::Streams => rt.block_on(hostile::streams(target, duration)),
         Attack::Connections { fresh } => rt.block_on(hostile::connections(target, duration, fresh)),
+        Attack::Junk => hostile::junk(target, duration),
         Attack::Initials { spoof } => hostile::initials(target, duration, spoof),
         Attack::Flood { kind } => rt.block_on(hostile::flood(target, duration, kind)),
         Attack::Hellos { source } => rt.block_on(hostile::hellos(target, source, duration)),

@@ -52,12 +52,17 @@ impl Node {
     /// Makes an identity and a config (`body`: the fields inside the config's parentheses)
     /// named `name` in `dir`, and starts the node (in `netns`, if given).
     pub fn start(dir: &Path, name: &str, body: &str, netns: Option<&str>) -> Node {
+        Self::start_logged(dir, name, "info", body, netns)
+    }
+
+    /// As `start`, with a log filter.
+    pub fn start_logged(dir: &Path, name: &str, log: &str, body: &str, netns: Option<&str>) -> Node {
         let key = dir.join(format!("{name}.key"));
         let id = Identity::generate().unwrap();
         id.save(&key, true).unwrap();
         let home = dir.join(format!("{name}-home"));
         let cfg = dir.join(format!("{name}.ron"));
-        std::fs::write(&cfg, format!("(log: \"info\", data_dir: Some({:?}), {body})", home)).unwrap();
+        std::fs::write(&cfg, format!("(log: {log:?}, data_dir: Some({:?}), {body})", home)).unwrap();
         let netns = netns.map(str::to_owned);
         let log = Arc::new(Mutex::new(Vec::new()));
         let child = spawn_node(&cfg, &key, netns.as_deref(), &log);
@@ -252,6 +257,11 @@ pub struct Stage {
 }
 
 pub fn stage(tcp: bool, a_extra: &str) -> Stage {
+    stage_logged(tcp, a_extra, "info")
+}
+
+/// As [`stage`], with A's log filter.
+pub fn stage_logged(tcp: bool, a_extra: &str, a_log: &str) -> Stage {
     let dir = tempfile::tempdir().unwrap();
     let a_udp = free_port(lo(1));
     let a_tcp = tcp.then(|| free_port(lo(1)));
@@ -259,7 +269,7 @@ pub fn stage(tcp: bool, a_extra: &str) -> Stage {
     if let Some(pt) = a_tcp {
         ifaces.push_str(&format!(r#", (name: "tcp0", plugin: "tcp", config: "(listen: Some(\"127.0.0.1:{pt}\"))"{a_extra})"#));
     }
-    let a = Node::start(dir.path(), "a", &format!("interfaces: [{ifaces}]"), None);
+    let a = Node::start_logged(dir.path(), "a", a_log, &format!("interfaces: [{ifaces}]"), None);
     let b = Node::start(dir.path(), "b", &format!("interfaces: [{}]", udp_iface("udp0", lo(2), free_port(lo(2)), &pinned(lo(1), a_udp, &a))), None);
     wait_path(&b, &a);
     Stage { dir, a, b, a_udp, a_tcp }

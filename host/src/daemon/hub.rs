@@ -331,8 +331,9 @@ const PROBE_AGAIN: Duration = Duration::from_secs(2);
 /// How often path requests for held payloads are repeated.
 const REQUEST_AGAIN: Duration = Duration::from_secs(3);
 
-/// Most inbox items handled between two flushes of the router's output.
-const BATCH: usize = 64;
+/// Most inbox items handled between two flushes of the router's output: an answer made
+/// early in a batch waits for the batch to end, so this is kept small.
+const BATCH: usize = 16;
 
 /// Runs the hub until the inbox closes or `stop` fires.
 pub async fn run(

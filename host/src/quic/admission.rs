@@ -9,12 +9,13 @@
 //! 1. a blocked IP is ignored;
 //! 2. past `max_connections` (handshakes in flight included) the Initial is refused;
 //! 3. past `max_connections_per_ip` from that IP, refused;
-//! 4. an unvalidated source (no Retry token) is sent a Retry once `retry_above`
+//! 4. each IP has a token bucket of handshakes (`handshake_rate` per second, burst
+//!    `handshake_burst`): without a token, an unvalidated source is ignored and a validated
+//!    one refused (a Retry would not help it: the bucket would still be empty, and a flood
+//!    from one address would draw a Retry per packet);
+//! 5. an unvalidated source (no Retry token) is sent a Retry once `retry_above`
 //!    handshakes are in flight: a spoofer never sees the Retry, so it cannot hold more
 //!    than `retry_above` handshakes, each for at most the handshake timeout;
-//! 5. each IP has a token bucket of handshakes (`handshake_rate` per second, burst
-//!    `handshake_burst`): an unvalidated source without a token gets a Retry, a validated
-//!    one is refused;
 //! 6. past `max_handshakes` in flight, refused.
 //!
 //! Sans-IO like the rest: time is a parameter, the endpoint reports handshakes and
@@ -165,13 +166,13 @@ impl Admission {
         if st.handshakes + st.connections >= per_ip {
             return no(Refusal::IpConnectionLimit);
         }
-        if !validated && in_flight >= retry_above {
-            return Admit::Retry;
-        }
         st.tokens = (st.tokens + now.saturating_duration_since(st.at).as_secs_f64() * rate).min(burst);
         st.at = now;
         if st.tokens < 1.0 {
-            return if validated { Admit::Refuse(Refusal::IpRate) } else { Admit::Retry };
+            return no(Refusal::IpRate);
+        }
+        if !validated && in_flight >= retry_above {
+            return Admit::Retry;
         }
         if in_flight >= max_hs {
             return no(Refusal::HandshakeLimit);
@@ -362,7 +363,8 @@ mod tests {
         assert_eq!(a.decide(now, ip(1), true), Admit::Accept);
         a.handshake_done(ip(1), false);
         assert_eq!(a.decide(now, ip(1), true), Admit::Refuse(Refusal::IpRate));
-        assert_eq!(a.decide(now, ip(1), false), Admit::Retry);
+        // Not a Retry: proving its address would not get it a token.
+        assert_eq!(a.decide(now, ip(1), false), Admit::Ignore(Refusal::IpRate));
         // Refilled at one per second.
         assert_eq!(a.decide(now + Duration::from_secs(1), ip(1), true), Admit::Accept);
         // Another IP is not affected.

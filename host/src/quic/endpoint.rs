@@ -147,6 +147,9 @@ impl P2pConfig {
             max_bidi_streams: 0,
             max_uni_streams: 16,
             pending_bytes_per_peer: 4 * MESH_MAX_MESSAGE,
+            // A peer's datagrams wait in one queue with everyone's: a short backlog each
+            // keeps an honest datagram from waiting behind a flood.
+            pending_datagrams_per_peer: 32,
             admission: AdmissionConfig::open(),
             ..P2pConfig::new(identity, bind)
         }
