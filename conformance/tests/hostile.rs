@@ -16,7 +16,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::scene::{attack, free_port, is_root, lo, pinned, stage, stage_logged, udp_iface, under_attack, wait_path, Netns, Node, Outcome, Stage, T};
+use common::scene::{attack, free_port, is_root, lo, pinned, stage, udp_iface, under_attack, wait_path, Netns, Node, Outcome, Stage, T};
 use serde_json::{json, Value};
 
 /// One attack at a time: they measure one node's memory, and share two cores.
@@ -81,7 +81,10 @@ fn connections_as_fast_as_possible_from_one_identity() {
     let target = format!("127.0.0.1:{}", s.a_udp);
     let o = under_attack(&s, || hostile(&["connections", "--target", &target]));
     assert_survived(&s, &o, 48);
-    assert!(o.report["refused"].as_u64().unwrap() > 0, "the per-IP handshake rate never refused: {}", o.report);
+    // One address gets its burst of 16 handshakes and 4 a second: the rest of its Initials
+    // are ignored.
+    let secs: u64 = ATTACK_SECS.parse().unwrap();
+    assert!(o.report["sessions"].as_u64().unwrap() <= 16 + 4 * (secs + 1), "{}", o.report);
 }
 
 #[test]
@@ -284,9 +287,9 @@ fn a_tcp_peer_reconnecting_from_a_new_port_keeps_its_neighbour() {
 }
 
 #[test]
-fn a_burst_that_overruns_quic_events_loses_no_disconnect() {
+fn a_burst_of_messages_loses_no_disconnect() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let s = stage_logged(false, "", "info,antmesh_host::daemon=debug");
+    let s = stage(false, "");
     let d = Node::start(s.dir.path(), "d", &format!("interfaces: [{}]", udp_iface("udp0", lo(3), free_port(lo(3)), &pinned(lo(1), s.a_udp, &s.a))), None);
     s.a.wait_line(&["mesh neighbour up", &d.id.to_hex()], T);
     let target = format!("127.0.0.1:{}", s.a_udp);
@@ -309,8 +312,6 @@ fn a_burst_that_overruns_quic_events_loses_no_disconnect() {
         assert!(Instant::now() < deadline, "D left but A still lists it: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The burst did overrun A's event queue: the case the resynchronisation is for.
-    s.a.wait_line(&["QUIC events lagged"], T);
 }
 
 /// Sets the file-size limit of process `pid` (soft and hard) to `bytes`.

@@ -98,6 +98,8 @@ pub struct P2pConfig {
     pub pending_datagrams_per_peer: usize,
     /// Who may start a handshake, and when a Retry is sent first.
     pub admission: AdmissionConfig,
+    /// Events buffered per subscriber; a subscriber further behind is told it lagged.
+    pub event_queue: usize,
 }
 
 /// The default stream window: 8 MiB. quinn's 1.25 MB default caps a single stream at
@@ -133,6 +135,7 @@ impl P2pConfig {
             pending_bytes_per_peer: 16 << 20,
             pending_datagrams_per_peer: 256,
             admission: AdmissionConfig::default(),
+            event_queue: 1024,
         }
     }
 
@@ -496,7 +499,7 @@ impl P2pEndpoint {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(EndpointError::Quic)?;
-        let (events_tx, _) = broadcast::channel(1024);
+        let (events_tx, _) = broadcast::channel(config.event_queue.max(1));
         let (msg_tx, msg_rx) = mpsc::channel(config.recv_queue.max(1));
         let (dg_tx, dg_rx) = mpsc::channel(config.recv_queue.max(1));
         let (bi_tx, bi_rx) = mpsc::channel(64);
