@@ -109,13 +109,17 @@ fn main() {
             json!({"rate": 0.0})
         }));
     }
-    let quic: [(&'static str, Vec<&str>); 11] = [
+    let quic: [(&'static str, Vec<&str>); 15] = [
         ("control: junk datagrams", vec!["junk"]),
+        ("control: junk, new ports", vec!["junk", "--new-ports"]),
+        ("control: junk, 10k/s", vec!["junk", "--new-ports", "--rate", "10000"]),
         ("streams", vec!["streams"]),
         ("connections, one id", vec!["connections"]),
         ("connections, fresh ids", vec!["connections", "--fresh"]),
         ("initials", vec!["initials"]),
+        ("initials, 4k/s", vec!["initials", "--rate", "4000"]),
         ("compact announces", vec!["flood", "compact"]),
+        ("compact announces, 50k/s", vec!["flood", "compact", "--rate", "50000"]),
         ("forged announces", vec!["flood", "forged"]),
         ("key records", vec!["flood", "key-records"]),
         ("sealed packets", vec!["flood", "sealed"]),

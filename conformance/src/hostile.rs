@@ -297,7 +297,8 @@ impl Spoofer {
 /// would cost the node an encapsulation and a signature), never continued. Each is sent
 /// from a new UDP socket (a new source port), or with `spoof` from a random source
 /// address. Blocking: run it on its own thread.
-pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>) -> Result<Report, AttackError> {
+/// With `rate`, at most that many per second.
+pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>, rate: Option<f64>) -> Result<Report, AttackError> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut r = Report::new(if spoof.is_some() { "initials-spoofed" } else { "initials" });
@@ -336,6 +337,10 @@ pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>)
         }
         r.sent += 1;
         r.bytes += pkt.len() as u64;
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
     }
     r.seconds = start.elapsed().as_secs_f64();
     Ok(r)
@@ -344,21 +349,33 @@ pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>)
 /// Not QUIC at all: random 100-byte UDP datagrams from one socket, as fast as it goes. A
 /// control for the floods: whatever they cost beyond this is the node's doing, up to it is
 /// the cost of receiving that many packets. Blocking: run it on its own thread.
-pub fn junk(target: SocketAddr, duration: Duration) -> Result<Report, AttackError> {
+/// With `new_ports`, each datagram comes from a new socket (a new source port), as the
+/// Initials of [`initials`] do, and is 1,200 bytes long like them.
+/// With `rate`, at most that many per second.
+pub fn junk(target: SocketAddr, duration: Duration, new_ports: bool, rate: Option<f64>) -> Result<Report, AttackError> {
     let start = Instant::now();
     let deadline = start + duration;
-    let mut r = Report::new("junk-datagrams");
+    let mut r = Report::new(if new_ports { "junk-datagrams-new-ports" } else { "junk-datagrams" });
     let mut rng = rng()?;
     let sock = std::net::UdpSocket::bind(any_port(target))?;
-    let mut buf = [0u8; 100];
+    let mut buf = vec![0u8; if new_ports { 1200 } else { 100 }];
     while Instant::now() < deadline {
         for _ in 0..64 {
             rng.fill(&mut buf);
             // A short header with the fixed bit: the first thing quinn looks at passes.
             buf[0] = 0x40 | (buf[0] & 0x3f);
-            if sock.send_to(&buf, target).is_ok() {
+            let sent = if new_ports {
+                std::net::UdpSocket::bind(any_port(target)).and_then(|s| s.send_to(&buf, target))
+            } else {
+                sock.send_to(&buf, target)
+            };
+            if sent.is_ok() {
                 r.sent += 1;
                 r.bytes += buf.len() as u64;
+            }
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
             }
         }
     }
@@ -457,7 +474,8 @@ fn flood_packet(kind: Flood, rng: &mut Rng, me: &Identity, victim: &DestinationH
 /// the connection takes them — as datagrams where they fit, as messages otherwise. When the
 /// node closes the connection (it blocks neighbours caught forging), it reconnects with a
 /// fresh identity, and counts the refusals.
-pub async fn flood(target: SocketAddr, duration: Duration, kind: Flood) -> Result<Report, AttackError> {
+/// With `rate`, at most that many packets per second.
+pub async fn flood(target: SocketAddr, duration: Duration, kind: Flood, rate: Option<f64>) -> Result<Report, AttackError> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut r = Report::new(kind.name());
@@ -503,6 +521,10 @@ pub async fn flood(target: SocketAddr, duration: Duration, kind: Flood) -> Resul
             }
             r.sent += 1;
             r.bytes += len;
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            }
             if kind == Flood::Burst && r.sent >= 20_000 {
                 while inflight.join_next().await.is_some() {}
                 r.seconds = start.elapsed().as_secs_f64();

@@ -42,18 +42,31 @@ enum Attack {
         fresh: bool,
     },
     /// Random UDP datagrams (not QUIC): the cost of receiving packets at all.
-    Junk,
+    Junk {
+        /// Each from a new source port, 1,200 bytes (as Initials are).
+        #[arg(long)]
+        new_ports: bool,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// QUIC Initials never continued, each from a new source port.
     Initials {
         /// Spoof sources from this /16 (raw socket: root, in a network namespace).
         #[arg(long)]
         spoof: Option<Ipv4Addr>,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// A neighbour flooding mesh packets.
     Flood {
         /// What to flood.
         #[arg(value_enum)]
         kind: Flood,
+        /// At most this many packets per second.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Link Hellos on new TCP connections, never continued.
     Hellos {
@@ -80,9 +93,9 @@ fn main() -> ExitCode {
     let result: Result<Report, hostile::AttackError> = match cli.attack {
         Attack::Streams => rt.block_on(hostile::streams(target, duration)),
         Attack::Connections { fresh } => rt.block_on(hostile::connections(target, duration, fresh)),
-        Attack::Junk => hostile::junk(target, duration),
-        Attack::Initials { spoof } => hostile::initials(target, duration, spoof),
-        Attack::Flood { kind } => rt.block_on(hostile::flood(target, duration, kind)),
+        Attack::Junk { new_ports, rate } => hostile::junk(target, duration, new_ports, rate),
+        Attack::Initials { spoof, rate } => hostile::initials(target, duration, spoof, rate),
+        Attack::Flood { kind, rate } => rt.block_on(hostile::flood(target, duration, kind, rate)),
         Attack::Hellos { source } => rt.block_on(hostile::hellos(target, source, duration)),
     };
     match result {
