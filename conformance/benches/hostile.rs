@@ -22,7 +22,7 @@ mod scene;
 
 use std::time::Duration;
 
-use scene::{attack, is_root, percentile, pinned, stage, udp_iface, under_attack_every, wait_path, Netns, Node, Outcome, Stage};
+use scene::{attack, is_root, percentile, spoofed_stage, stage, under_attack_every, Netns, Outcome, Stage};
 use serde_json::{json, Value};
 
 struct Row {
@@ -147,16 +147,7 @@ fn main() {
             return;
         }
         let ns = Netns::new("b");
-        let dir = tempfile::tempdir().unwrap();
-        let a = Node::start(dir.path(), "a", &format!("interfaces: [{}]", udp_iface("udp0", "10.77.1.1".parse().unwrap(), 4242, "")), Some(&ns.victim));
-        let b = Node::start(
-            dir.path(),
-            "b",
-            &format!("interfaces: [{}]", udp_iface("udp0", "10.77.1.3".parse().unwrap(), 4242, &pinned("10.77.1.1".parse().unwrap(), 4242, &a))),
-            Some(&ns.outside),
-        );
-        wait_path(&b, &a);
-        let s = Stage { dir, a, b, a_udp: 4242, a_tcp: None };
+        let s = spoofed_stage(&ns);
         let outside = ns.outside.clone();
         print(&run("initials, spoofed", &s, secs, || {
             attack(&["initials", "--target", "10.77.1.1:4242", "--spoof", "10.77.0.0", "--seconds", &s_arg], Some(&outside))

@@ -16,7 +16,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::scene::{attack, free_port, is_root, lo, pinned, stage, udp_iface, under_attack, wait_path, Netns, Node, Outcome, Stage, T};
+use common::scene::{attack, free_port, is_root, lo, pinned, spoofed_stage, stage, udp_iface, under_attack, wait_path, Netns, Node, Outcome, Stage, T};
 use serde_json::{json, Value};
 
 /// One attack at a time: they measure one node's memory, and share two cores.
@@ -119,16 +119,7 @@ fn spoofed_quic_initials_from_a_whole_subnet() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let ns = Netns::new("i");
-    let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), "a", &format!("interfaces: [{}]", udp_iface("udp0", "10.77.1.1".parse().unwrap(), 4242, "")), Some(&ns.victim));
-    let b = Node::start(
-        dir.path(),
-        "b",
-        &format!("interfaces: [{}]", udp_iface("udp0", "10.77.1.3".parse().unwrap(), 4242, &pinned("10.77.1.1".parse().unwrap(), 4242, &a))),
-        Some(&ns.outside),
-    );
-    wait_path(&b, &a);
-    let s = Stage { dir, a, b, a_udp: 4242, a_tcp: None };
+    let s = spoofed_stage(&ns);
     let outside = ns.outside.clone();
     let dir = s.dir.path().to_owned();
     let a_id = s.a.id;

@@ -275,6 +275,22 @@ pub fn stage_logged(tcp: bool, a_extra: &str, a_log: &str) -> Stage {
     Stage { dir, a, b, a_udp, a_tcp }
 }
 
+/// Victim A on 10.77.1.1:4242 inside `ns.victim`, honest B on 10.77.1.3 in
+/// `ns.outside` (the side the spoofed traffic comes from), B dialling A.
+pub fn spoofed_stage(ns: &Netns) -> Stage {
+    let dir = tempfile::tempdir().unwrap();
+    let a_ip: IpAddr = "10.77.1.1".parse().unwrap();
+    let a = Node::start(dir.path(), "a", &format!("interfaces: [{}]", udp_iface("udp0", a_ip, 4242, "")), Some(&ns.victim));
+    let b = Node::start(
+        dir.path(),
+        "b",
+        &format!("interfaces: [{}]", udp_iface("udp0", "10.77.1.3".parse().unwrap(), 4242, &pinned(a_ip, 4242, &a))),
+        Some(&ns.outside),
+    );
+    wait_path(&b, &a);
+    Stage { dir, a, b, a_udp: 4242, a_tcp: None }
+}
+
 pub struct Outcome {
     pub honest: Honest,
     pub rss0: u64,
