@@ -118,6 +118,12 @@ async fn connect(bind: SocketAddr, identity: &Identity, target: SocketAddr) -> R
     Ok((ep, conn))
 }
 
+/// When the next packet is due for `sent` packets since `start` at `rate` per second
+/// (None: no rate, as fast as it goes).
+fn paced(start: Instant, sent: u64, rate: Option<f64>) -> Option<Instant> {
+    rate.filter(|r| *r > 0.0).map(|rate| start + Duration::from_secs_f64(sent as f64 / rate))
+}
+
 fn any_port(target: SocketAddr) -> SocketAddr {
     let ip = match target {
         SocketAddr::V4(a) if a.ip().is_loopback() => std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -337,8 +343,7 @@ pub fn initials(target: SocketAddr, duration: Duration, spoof: Option<Ipv4Addr>,
         }
         r.sent += 1;
         r.bytes += pkt.len() as u64;
-        if let Some(rate) = rate.filter(|r| *r > 0.0) {
-            let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+        if let Some(due) = paced(start, r.sent, rate) {
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
     }
@@ -373,8 +378,7 @@ pub fn junk(target: SocketAddr, duration: Duration, new_ports: bool, rate: Optio
                 r.sent += 1;
                 r.bytes += buf.len() as u64;
             }
-            if let Some(rate) = rate.filter(|r| *r > 0.0) {
-                let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+            if let Some(due) = paced(start, r.sent, rate) {
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
             }
         }
@@ -521,8 +525,7 @@ pub async fn flood(target: SocketAddr, duration: Duration, kind: Flood, rate: Op
             }
             r.sent += 1;
             r.bytes += len;
-            if let Some(rate) = rate.filter(|r| *r > 0.0) {
-                let due = start + Duration::from_secs_f64(r.sent as f64 / rate);
+            if let Some(due) = paced(start, r.sent, rate) {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
             }
             if kind == Flood::Burst && r.sent >= 20_000 {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A token bucket: `burst` tokens at most, refilled at `per_sec`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,19 +66,29 @@ pub struct KeyedLimiter<K> {
     template: Limiter,
     buckets: HashMap<K, Limiter>,
     max_keys: usize,
+    /// No sweep for full buckets before this: while new keys keep coming and every bucket
+    /// is in use, a sweep per key would make each refusal cost the whole map.
+    next_sweep: Option<Instant>,
 }
+
+/// Least time between two sweeps of a full [`KeyedLimiter`] that freed nothing.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// `per_sec` and `burst` per key, at most `max_keys` keys remembered.
     pub fn new(per_sec: f64, burst: u32, max_keys: usize) -> Self {
-        KeyedLimiter { template: Limiter::new(per_sec, burst), buckets: HashMap::new(), max_keys: max_keys.max(1) }
+        KeyedLimiter { template: Limiter::new(per_sec, burst), buckets: HashMap::new(), max_keys: max_keys.max(1), next_sweep: None }
     }
 
     /// Takes one token from `key`'s bucket.
     pub fn allow(&mut self, now: Instant, key: &K) -> bool {
         if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            if self.next_sweep.is_some_and(|t| now < t) {
+                return false;
+            }
             self.buckets.retain(|_, b| !b.is_full(now));
             if self.buckets.len() >= self.max_keys {
+                self.next_sweep = Some(now + SWEEP_EVERY);
                 return false;
             }
         }
@@ -101,11 +111,47 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 }
 
+/// Keys (peers, addresses) refused until an instant, at most `max` of them: beyond, a
+/// new block is not recorded until old ones expire — the blocked party is disconnected
+/// either way, and the list cannot be grown without bound by getting blocked.
+#[derive(Debug, Clone)]
+pub struct BlockList<K> {
+    until: HashMap<K, Instant>,
+    max: usize,
+}
+
+impl<K: Hash + Eq> BlockList<K> {
+    /// An empty list holding at most `max` keys.
+    pub fn new(max: usize) -> Self {
+        BlockList { until: HashMap::new(), max: max.max(1) }
+    }
+
+    /// Refuses `key` until `until` (a key already listed gets the new instant).
+    pub fn block(&mut self, now: Instant, key: K, until: Instant) {
+        if self.until.len() >= self.max && !self.until.contains_key(&key) {
+            self.prune(now);
+            if self.until.len() >= self.max {
+                return;
+            }
+        }
+        self.until.insert(key, until);
+    }
+
+    /// Whether `key` is refused at `now`.
+    pub fn is_blocked(&self, now: Instant, key: &K) -> bool {
+        self.until.get(key).is_some_and(|u| *u > now)
+    }
+
+    /// Forgets the blocks that ended.
+    pub fn prune(&mut self, now: Instant) {
+        self.until.retain(|_, u| *u > now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     #[test]
     fn a_bucket_allows_its_burst_then_its_rate() {
@@ -128,6 +174,35 @@ mod tests {
         // A second later both are full again and may be forgotten.
         assert!(k.allow(t + Duration::from_secs(1), &3));
         assert!(k.len() <= 2);
+    }
+
+    #[test]
+    fn a_full_map_is_swept_at_most_once_a_second() {
+        let mut k = KeyedLimiter::new(1000.0, 1, 1);
+        let t = Instant::now();
+        assert!(k.allow(t, &1));
+        assert!(!k.allow(t, &2), "the one bucket is in use");
+        // Its bucket is full again after a millisecond, but the failed sweep holds for a
+        // second: new keys are refused without another look at the map.
+        assert!(!k.allow(t + Duration::from_millis(500), &2));
+        assert!(k.allow(t + Duration::from_secs(1), &2));
+    }
+
+    #[test]
+    fn block_lists_expire_and_are_bounded() {
+        let mut b = BlockList::new(2);
+        let t = Instant::now();
+        b.block(t, 1, t + Duration::from_secs(10));
+        b.block(t, 2, t + Duration::from_secs(1));
+        b.block(t, 3, t + Duration::from_secs(10));
+        assert!(b.is_blocked(t, &1) && b.is_blocked(t, &2));
+        assert!(!b.is_blocked(t, &3), "the list is full of live blocks");
+        let later = t + Duration::from_secs(2);
+        assert!(!b.is_blocked(later, &2));
+        b.block(later, 3, later + Duration::from_secs(10));
+        assert!(b.is_blocked(later, &3), "an expired block made room");
+        b.block(later, 1, later + Duration::from_secs(60));
+        assert!(b.is_blocked(later + Duration::from_secs(30), &1), "a listed key's block is extended");
     }
 
     proptest! {

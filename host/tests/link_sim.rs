@@ -355,35 +355,31 @@ fn state_stays_bounded_under_floods() {
         let _ = e.handle_frame(now, &antmesh_plugin_api::LinkAddr::Named(format!("x{i}").into()), &f);
     }
     assert!(e.peer_count() <= cfg.max_peers);
+    // Complete Hellos from `max_handshakes + 4` addresses (h0, h1, …); how many were
+    // refused as Busy.
+    let hellos_from_many = |r: &mut LinkEngine| {
+        let mut busy = 0;
+        for i in 0..(cfg.max_handshakes + 4) {
+            let mut a = LinkEngine::with_seed(ident(10 + i as u8), cfg.clone(), [i as u8; 32]);
+            a.connect(now, antmesh_plugin_api::LinkAddr::Named("r".into()), None).unwrap();
+            let from = antmesh_plugin_api::LinkAddr::Named(format!("h{i}").into());
+            while let Some(t) = a.poll_transmit(now) {
+                if let Err(FrameError::Busy) = r.handle_frame(now, &from, &t.frame) {
+                    busy += 1;
+                }
+            }
+        }
+        busy
+    };
     // Complete Hellos from many addresses, answered without an address proof: at most
     // max_handshakes answered, the rest told Busy.
     let never = LinkConfig { cookie: CookieMode::Never, ..cfg.clone() };
     let mut e2 = LinkEngine::with_seed(ident(2), never.clone(), [2; 32]);
-    let mut busy = 0;
-    for i in 0..(cfg.max_handshakes + 4) {
-        let mut a = LinkEngine::with_seed(ident(10 + i as u8), cfg.clone(), [i as u8; 32]);
-        a.connect(now, antmesh_plugin_api::LinkAddr::Named("r".into()), None).unwrap();
-        let from = antmesh_plugin_api::LinkAddr::Named(format!("h{i}").into());
-        while let Some(t) = a.poll_transmit(now) {
-            if let Err(FrameError::Busy) = e2.handle_frame(now, &from, &t.frame) {
-                busy += 1;
-            }
-        }
-    }
+    let busy = hellos_from_many(&mut e2);
     assert_eq!((busy, e2.stats().hellos_answered), (4, cfg.max_handshakes as u64));
     // With the default (address proofs under load): half the slots answered at once, the
     // rest asked for a cookie, nothing signed for them, nobody refused.
-    let mut busy = 0;
-    for i in 0..(cfg.max_handshakes + 4) {
-        let mut a = LinkEngine::with_seed(ident(10 + i as u8), cfg.clone(), [i as u8; 32]);
-        a.connect(now, antmesh_plugin_api::LinkAddr::Named("r".into()), None).unwrap();
-        let from = antmesh_plugin_api::LinkAddr::Named(format!("h{i}").into());
-        while let Some(t) = a.poll_transmit(now) {
-            if let Err(FrameError::Busy) = e.handle_frame(now, &from, &t.frame) {
-                busy += 1;
-            }
-        }
-    }
+    let busy = hellos_from_many(&mut e);
     let st = e.stats();
     assert_eq!((busy, st.hellos_answered, st.cookies_sent), (0, cfg.max_handshakes as u64 / 2, cfg.max_handshakes as u64 / 2 + 4));
     // A bogus fragment count never allocates more than the largest message.

@@ -35,6 +35,7 @@ use self::handshake::{HandshakeError, InitiatorStart, ResponderWait, SessionSecr
 use self::session::{KeyLimits, OpenError, Session};
 pub use self::session::Mode;
 use self::wire::{Frame, Kind, RejectReason, WireError, DATA_HEADER_LEN, NONCE_LEN, TAG_LEN, TICKET_ID_LEN};
+use crate::budget::{BlockList, Limiter};
 use crate::identity::{Identity, PeerId, PublicIdentity};
 
 /// The largest frame the engine sends, whatever the transport's MTU.
@@ -566,9 +567,9 @@ pub struct LinkEngine {
     next_tx: Option<Instant>,
     stats: LinkStats,
     /// Peers refused until the instant.
-    blocked: HashMap<PeerId, Instant>,
+    blocked: BlockList<PeerId>,
     /// Hellos answered for initiators that did not prove their address.
-    responder: crate::budget::Limiter,
+    responder: Limiter,
 }
 
 /// Most peers remembered as blocked.
@@ -586,7 +587,7 @@ impl LinkEngine {
     }
 
     fn with_rng(me: Arc<Identity>, cfg: LinkConfig, rng: Rng) -> LinkEngine {
-        let cfg_rate = (cfg.responder_rate, cfg.responder_burst);
+        let responder = Limiter::new(cfg.responder_rate, cfg.responder_burst);
         LinkEngine {
             me,
             cfg,
@@ -601,20 +602,15 @@ impl LinkEngine {
             events: VecDeque::new(),
             next_tx: None,
             stats: LinkStats::default(),
-            blocked: HashMap::new(),
-            responder: crate::budget::Limiter::new(cfg_rate.0, cfg_rate.1),
+            blocked: BlockList::new(MAX_BLOCKED),
+            responder,
         }
     }
 
     /// Closes every session with `peer` and refuses its handshakes and resumptions until
     /// `until` (a neighbour caught forging). Its resumption tickets are forgotten.
     pub fn block_peer(&mut self, now: Instant, peer: PeerId, until: Instant) {
-        if self.blocked.len() >= MAX_BLOCKED {
-            self.blocked.retain(|_, u| *u > now);
-        }
-        if self.blocked.len() < MAX_BLOCKED || self.blocked.contains_key(&peer) {
-            self.blocked.insert(peer, until);
-        }
+        self.blocked.block(now, peer, until);
         if let Some(t) = self.ticket_by_peer.remove(&peer) {
             self.tickets.remove(&t);
         }
@@ -630,7 +626,7 @@ impl LinkEngine {
     }
 
     fn is_blocked(&self, now: Instant, peer: &PeerId) -> bool {
-        self.blocked.get(peer).is_some_and(|u| *u > now)
+        self.blocked.is_blocked(now, peer)
     }
 
     /// This node's id.

@@ -4,9 +4,10 @@
 //! The router stays sans-IO: it exports a [`Snapshot`] (at start, and for tests) or the
 //! [`Changes`] since its last save, and restores a snapshot; this module only moves them to
 //! and from disk. A save writes only what changed. A file redb cannot read is moved aside
-//! ([`MeshStore::open_or_replace`]) rather than turning persistence off for good. A path is stored with the *PeerId* of its next hop
-//! (neighbour numbers do not survive a restart) and comes back when a neighbour with that
-//! id is up again. Expiry is wall-clock, so it is honoured across restarts: whatever
+//! ([`MeshStore::open_or_replace`]) rather than turning persistence off for good.
+//!
+//! A path is stored with the *PeerId* of its next hop (neighbour numbers do not survive a
+//! restart) and comes back when a neighbour with that id is up again. Expiry is wall-clock, so it is honoured across restarts: whatever
 //! expired while the node was down is dropped on load.
 //!
 //! Records (big-endian):
@@ -183,36 +184,15 @@ impl MeshStore {
         {
             let mut paths = tx.open_table(PATHS)?;
             for (dest, p) in &ch.paths {
-                match p {
-                    Some(p) => {
-                        paths.insert(&dest.0[..], &encode_path(p)[..])?;
-                    }
-                    None => {
-                        paths.remove(&dest.0[..])?;
-                    }
-                }
+                put_or_remove(&mut paths, &dest.0, p.as_ref().map(encode_path).as_deref())?;
             }
             let mut anns = tx.open_table(ANNOUNCES)?;
             for (dest, a) in &ch.announces {
-                match a {
-                    Some(a) => {
-                        anns.insert(&dest.0[..], &encode_announce(a)[..])?;
-                    }
-                    None => {
-                        anns.remove(&dest.0[..])?;
-                    }
-                }
+                put_or_remove(&mut anns, &dest.0, a.as_ref().map(encode_announce).as_deref())?;
             }
             let mut keys = tx.open_table(KEYS)?;
             for (peer, k) in &ch.keys {
-                match k {
-                    Some(k) => {
-                        keys.insert(&peer.0[..], &k.as_bytes()[..])?;
-                    }
-                    None => {
-                        keys.remove(&peer.0[..])?;
-                    }
-                }
+                put_or_remove(&mut keys, &peer.0, k.as_ref().map(|k| &k.as_bytes()[..]))?;
             }
         }
         tx.commit()?;
@@ -283,6 +263,19 @@ fn each_row(
     for row in t.iter()? {
         let (k, v) = row?;
         f(k.value(), v.value());
+    }
+    Ok(())
+}
+
+/// Writes `value` under `key`, or deletes the key when there is none.
+fn put_or_remove(table: &mut redb::Table<'_, &'static [u8], &'static [u8]>, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+    match value {
+        Some(v) => {
+            table.insert(key, v)?;
+        }
+        None => {
+            table.remove(key)?;
+        }
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::budget::{BlockList, Limiter};
+
 /// Limits on inbound handshakes and connections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdmissionConfig {
@@ -111,8 +113,8 @@ pub enum Admit {
 
 #[derive(Debug)]
 struct IpState {
-    tokens: f64,
-    at: Instant,
+    /// Handshakes it may start.
+    bucket: Limiter,
     handshakes: usize,
     connections: usize,
 }
@@ -124,7 +126,7 @@ pub struct Admission {
     ips: HashMap<IpAddr, IpState>,
     /// IPs in the order they were first tracked, to forget idle ones.
     order: VecDeque<IpAddr>,
-    blocked: HashMap<IpAddr, Instant>,
+    blocked: BlockList<IpAddr>,
     handshakes: usize,
     connections: usize,
 }
@@ -135,7 +137,7 @@ const MAX_BLOCKED: usize = 4096;
 impl Admission {
     /// Admission under `cfg`.
     pub fn new(cfg: AdmissionConfig) -> Admission {
-        Admission { cfg, ips: HashMap::new(), order: VecDeque::new(), blocked: HashMap::new(), handshakes: 0, connections: 0 }
+        Admission { cfg, ips: HashMap::new(), order: VecDeque::new(), blocked: BlockList::new(MAX_BLOCKED), handshakes: 0, connections: 0 }
     }
 
     /// The limits.
@@ -152,13 +154,12 @@ impl Admission {
     /// [`Admit::Accept`] counts a handshake in flight until [`Admission::handshake_done`].
     pub fn decide(&mut self, now: Instant, ip: IpAddr, validated: bool) -> Admit {
         let no = |r| if validated { Admit::Refuse(r) } else { Admit::Ignore(r) };
-        if self.blocked.get(&ip).is_some_and(|until| *until > now) {
+        if self.blocked.is_blocked(now, &ip) {
             return Admit::Ignore(Refusal::Blocked);
         }
         if self.handshakes + self.connections >= self.cfg.max_connections {
             return no(Refusal::ConnectionLimit);
         }
-        let (rate, burst) = (self.cfg.handshake_rate, f64::from(self.cfg.handshake_burst));
         let per_ip = self.cfg.max_connections_per_ip;
         let in_flight = self.handshakes;
         let (retry_above, max_hs) = (self.cfg.retry_above, self.cfg.max_handshakes);
@@ -166,9 +167,7 @@ impl Admission {
         if st.handshakes + st.connections >= per_ip {
             return no(Refusal::IpConnectionLimit);
         }
-        st.tokens = (st.tokens + now.saturating_duration_since(st.at).as_secs_f64() * rate).min(burst);
-        st.at = now;
-        if st.tokens < 1.0 {
+        if !st.bucket.would_allow(now, 1.0) {
             return no(Refusal::IpRate);
         }
         if !validated && in_flight >= retry_above {
@@ -177,7 +176,7 @@ impl Admission {
         if in_flight >= max_hs {
             return no(Refusal::HandshakeLimit);
         }
-        st.tokens -= 1.0;
+        st.bucket.allow(now);
         st.handshakes += 1;
         self.handshakes += 1;
         Admit::Accept
@@ -192,8 +191,8 @@ impl Admission {
             if self.ips.len() >= self.cfg.max_tracked_ips {
                 return None;
             }
-            let burst = f64::from(self.cfg.handshake_burst);
-            self.ips.insert(ip, IpState { tokens: burst, at: now, handshakes: 0, connections: 0 });
+            let bucket = Limiter::new(self.cfg.handshake_rate, self.cfg.handshake_burst);
+            self.ips.insert(ip, IpState { bucket, handshakes: 0, connections: 0 });
             self.order.push_back(ip);
         }
         self.ips.get_mut(&ip)
@@ -215,7 +214,7 @@ impl Admission {
             }
         }
         self.order = kept;
-        self.blocked.retain(|_, until| *until > now);
+        self.blocked.prune(now);
     }
 
     /// A handshake admitted by `decide` ended; `established` when it became a connection
@@ -243,17 +242,12 @@ impl Admission {
 
     /// Ignores Initials from `ip` until `until`.
     pub fn block(&mut self, now: Instant, ip: IpAddr, until: Instant) {
-        if self.blocked.len() >= MAX_BLOCKED {
-            self.blocked.retain(|_, u| *u > now);
-        }
-        if self.blocked.len() < MAX_BLOCKED || self.blocked.contains_key(&ip) {
-            self.blocked.insert(ip, until);
-        }
+        self.blocked.block(now, ip, until);
     }
 
     /// Whether `ip` is blocked at `now`.
     pub fn is_blocked(&self, now: Instant, ip: IpAddr) -> bool {
-        self.blocked.get(&ip).is_some_and(|u| *u > now)
+        self.blocked.is_blocked(now, &ip)
     }
 }
 

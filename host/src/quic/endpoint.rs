@@ -19,6 +19,7 @@ use antmesh_plugin_api::TransportAddr;
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::admission::{self, Admission, AdmissionConfig, Admit, Slot};
+use crate::budget::BlockList;
 use super::crypto;
 use super::socket::{PluginSocket, SocketError};
 use crate::identity::{Identity, PeerId};
@@ -422,7 +423,7 @@ struct Inner {
     limits: PeerLimits,
     admission: Arc<Mutex<Admission>>,
     /// Peers refused until the instant (`block`).
-    blocked: Mutex<HashMap<PeerId, Instant>>,
+    blocked: Mutex<BlockList<PeerId>>,
     transport_cfg: Arc<quinn::TransportConfig>,
     client_configs: Mutex<ConfigCache<Option<PeerId>, quinn::ClientConfig>>,
     stats: Counters,
@@ -523,7 +524,7 @@ impl P2pEndpoint {
                 handshake_timeout: config.handshake_timeout,
             },
             admission: Arc::new(Mutex::new(Admission::new(config.admission.clone()))),
-            blocked: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(BlockList::new(MAX_BLOCKED_PEERS)),
             transport_cfg,
             client_configs: Mutex::new(ConfigCache::new(CLIENT_CONFIG_CACHE)),
             stats: Counters::default(),
@@ -708,15 +709,7 @@ impl P2pEndpoint {
     pub fn block(&self, peer: &PeerId, duration: Duration) -> bool {
         let now = Instant::now();
         let until = now + duration;
-        {
-            let mut blocked = lock(&self.inner.blocked);
-            if blocked.len() >= MAX_BLOCKED_PEERS {
-                blocked.retain(|_, u| *u > now);
-            }
-            if blocked.len() < MAX_BLOCKED_PEERS {
-                blocked.insert(*peer, until);
-            }
-        }
+        lock(&self.inner.blocked).block(now, *peer, until);
         let entry = lock(&self.inner.peers).remove(peer);
         let Some(e) = entry else { return false };
         let ip = admission::source_ip(e.conn.remote_address());
@@ -779,7 +772,7 @@ impl P2pEndpoint {
 const MAX_BLOCKED_PEERS: usize = 4096;
 
 fn is_blocked(inner: &Inner, peer: &PeerId) -> bool {
-    lock(&inner.blocked).get(peer).is_some_and(|u| *u > Instant::now())
+    lock(&inner.blocked).is_blocked(Instant::now(), peer)
 }
 
 fn transport_config(config: &P2pConfig) -> quinn::TransportConfig {
