@@ -135,7 +135,15 @@ impl Identity {
             return Err(IdentityError::Exists { path: path.to_path_buf() });
         }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // Created owner-only, like the data directory the node makes (it usually is one).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(dir).map_err(io)?;
         let mut content = Zeroizing::new(Vec::with_capacity(FILE_LEN));
         content.extend_from_slice(MAGIC);
         content.push(VERSION);
@@ -226,6 +234,16 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         assert!(matches!(Identity::load(&path), Err(IdentityError::Corrupt { .. })));
         assert!(matches!(Identity::load(&dir.path().join("none")), Err(IdentityError::Missing { .. })));
+    }
+
+    #[test]
+    fn a_missing_directory_is_created_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("home").join("identity.key");
+        Identity::generate().unwrap().save(&path, false).unwrap();
+        let mode = std::fs::metadata(dir.path().join("home")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
